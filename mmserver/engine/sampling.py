@@ -1,0 +1,312 @@
+"""Sampling parameters and the batched token sampler.
+
+Semantics (applied in this order, per row of the ``[B, V]`` logits):
+
+1. **repetition_penalty** (HF / vLLM): for every token id that appears in the
+   prompt *or* the output so far, ``logit = logit / p if logit > 0 else logit * p``.
+   Each id is penalised once, however often it occurs.
+2. **presence_penalty / frequency_penalty** (OpenAI / vLLM), output tokens only:
+   ``logit -= presence * [count > 0] + frequency * count``.
+3. **min_new_tokens**: while ``len(output) < min_new_tokens`` the
+   ``stop_token_ids`` get ``-inf`` so the model cannot end early. With
+   ``ignore_eos`` they are never masked (``ignore_eos`` only means the engine does
+   not stop on them).
+4. **greedy rows** (``SamplingParams.is_greedy``): ``argmax`` of the penalised
+   logits (``torch.argmax``: ties go to the lowest id).
+5. **sampling rows**: ``logits / temperature``, then top-k (keep the k largest;
+   ``top_k`` of -1 or 0 is off), then top-p (keep the smallest prefix of the
+   sorted distribution whose cumulative probability is ``>= top_p``, always at
+   least the top token), then one draw from the softmax using the
+   exponential-race trick ``argmax(probs / Exponential(1))``. The exponential
+   noise is drawn per row from that row's ``torch.Generator`` (or the global RNG
+   when it has none), so a seeded request gets the same tokens whatever else is
+   in the batch.
+
+The returned log-probability is that of the chosen token under the model's
+*raw* distribution, ``log_softmax`` of the unmodified logits (vLLM's default
+"raw logprobs"), so penalties, temperature and truncation do not change it.
+
+A batch that is all greedy with neutral penalties and nothing to mask takes a
+fast path: one ``argmax`` and one ``log_softmax`` gather. Penalties work on the
+penalised rows only; pass ``prompt_ids`` as tensors already on the logits'
+device where possible (long Python lists cost a host conversion every step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "Sampler", "make_generator"]
+
+_MAX_STOP_SEQUENCES = 16
+_MAX_SEED = 2**63
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_new_tokens: int = 1
+    stop_sequences: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # EOS ids, set by the engine
+    logprobs: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field and its allowed range."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            _bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        if not _is_number(self.temperature) or not self.temperature >= 0:
+            _bad("temperature", self.temperature, "a number >= 0 (0 means greedy)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            _bad("top_p", self.top_p, "a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            _bad("top_k", self.top_k, "-1 (off) or an integer >= 0 (0 also means off)")
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            _bad("repetition_penalty", self.repetition_penalty, "a number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                _bad(name, value, "a number in [-2, 2]")
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            _bad("min_new_tokens", self.min_new_tokens,
+                 f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
+        self._validate_stop_sequences()
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED):
+            _bad("seed", self.seed, "null or an integer in [0, 2**63)")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+
+    def _validate_stop_sequences(self) -> None:
+        stops = self.stop_sequences
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            _bad("stop_sequences", stops, "a list of non-empty strings")
+        if len(stops) > _MAX_STOP_SEQUENCES:
+            _bad("stop_sequences", f"<{len(stops)} strings>",
+                 f"at most {_MAX_STOP_SEQUENCES} strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    # NaN fails every range comparison, so it is rejected by the callers' checks.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(name: str, value: object, allowed: str) -> None:
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device``; ``None`` (global RNG) if unseeded."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Batched sampler; see the module docstring for the exact semantics."""
+
+    def __call__(
+        self,
+        logits: Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[Tensor | list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``."""
+        batch = logits.shape[0]
+        if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch:
+            raise ValueError("params, prompt_ids, output_ids and generators need one entry per row")
+        logits = logits.float()
+
+        min_token_rows = [
+            i for i, p in enumerate(params)
+            if _needs_min_token_mask(p, len(output_ids[i]))
+        ]
+        if not min_token_rows and all(p.is_greedy and not p.has_penalties for p in params):
+            tokens = logits.argmax(dim=-1)  # fast path: plain greedy
+        else:
+            processed = logits.clone()
+            _apply_repetition_penalty(processed, params, prompt_ids, output_ids)
+            _apply_presence_frequency(processed, params, output_ids)
+            _mask_stop_tokens(processed, params, min_token_rows)
+            tokens = processed.argmax(dim=-1)
+            sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+            if sample_rows:
+                rows = torch.tensor(sample_rows, device=logits.device)
+                picked = _sample(processed[rows], [params[i] for i in sample_rows],
+                                 [generators[i] for i in sample_rows])
+                tokens[rows] = picked
+
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        return tokens, logprobs
+
+
+# --- logit processors -------------------------------------------------------
+# Each works only on the rows that need it, so a large vocabulary costs [n, V]
+# scratch memory for the n penalised rows instead of the whole batch.
+
+
+def _needs_min_token_mask(p: SamplingParams, num_output: int) -> bool:
+    return not p.ignore_eos and bool(p.stop_token_ids) and num_output < p.min_new_tokens
+
+
+def _token_counts(id_lists: Sequence[Tensor | list[int]], vocab: int, device: torch.device) -> Tensor:
+    """``[n, V]`` float count of each id per row, with one ``scatter_add`` on the flat view."""
+    counts = torch.zeros(len(id_lists), vocab, device=device)
+    index = _flat_index(id_lists, vocab, device)
+    if index.numel():
+        counts.view(-1).scatter_add_(0, index, torch.ones(index.numel(), device=device))
+    return counts
+
+
+def _flat_index(id_lists: Sequence[Tensor | list[int]], vocab: int, device: torch.device) -> Tensor:
+    """``row * V + id`` for every id, as one int64 tensor on ``device``.
+
+    Ids already on ``device`` stay there; host ids are joined first so they
+    cost a single host-to-device copy instead of one per row.
+    """
+    on_device, on_host = [], []
+    for row, ids in enumerate(id_lists):
+        if isinstance(ids, Tensor) and ids.device == device:
+            on_device.append(ids.reshape(-1).long() + row * vocab)
+        else:
+            on_host.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu() + row * vocab)
+    if on_host:
+        on_device.append(torch.cat(on_host).to(device))
+    return torch.cat(on_device) if on_device else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _apply_repetition_penalty(
+    logits: Tensor,
+    params: list[SamplingParams],
+    prompt_ids: list[Tensor | list[int]],
+    output_ids: list[list[int]],
+) -> None:
+    sel = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if not sel:
+        return
+    device = logits.device
+    rows = torch.tensor(sel, device=device)
+    vocab = logits.shape[1]
+    seen = (_token_counts([prompt_ids[i] for i in sel], vocab, device)
+            + _token_counts([output_ids[i] for i in sel], vocab, device)) > 0
+    penalty = torch.tensor([params[i].repetition_penalty for i in sel], device=device).unsqueeze(1)
+    sub = logits[rows]
+    penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+    logits[rows] = torch.where(seen, penalised, sub)
+
+
+def _apply_presence_frequency(
+    logits: Tensor, params: list[SamplingParams], output_ids: list[list[int]]
+) -> None:
+    sel = [i for i, p in enumerate(params) if p.presence_penalty != 0 or p.frequency_penalty != 0]
+    if not sel:
+        return
+    device = logits.device
+    rows = torch.tensor(sel, device=device)
+    counts = _token_counts([output_ids[i] for i in sel], logits.shape[1], device)
+    presence = torch.tensor([params[i].presence_penalty for i in sel], device=device).unsqueeze(1)
+    frequency = torch.tensor([params[i].frequency_penalty for i in sel], device=device).unsqueeze(1)
+    logits[rows] -= presence * (counts > 0).float() + frequency * counts
+
+
+def _mask_stop_tokens(logits: Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    vocab = logits.shape[1]
+    # Ids outside the LM head cannot be produced anyway, so they are skipped.
+    pairs = [(i, t) for i in rows for t in params[i].stop_token_ids if 0 <= t < vocab]
+    if pairs:
+        index = torch.tensor(pairs, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
+
+
+# --- sampling ----------------------------------------------------------------
+
+
+def _sample(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> Tensor:
+    """Draw one token per row from temperature-scaled, top-k/top-p truncated logits."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    logits = logits / temperature
+    if any(_top_k(p, logits.shape[1]) or p.top_p < 1.0 for p in params):
+        logits = _truncate_top_k_top_p(logits, params)
+    probs = torch.softmax(logits, dim=-1)
+    return _exponential_race(probs, generators)
+
+
+def _top_k(p: SamplingParams, vocab: int) -> int:
+    """The effective k, or 0 when top-k does not cut anything."""
+    return p.top_k if 0 < p.top_k < vocab else 0
+
+
+def _truncate_top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    vocab = logits.shape[1]
+    device = logits.device
+    # Stable sort so ties are ordered by id, independent of the batch.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    position = torch.arange(vocab, device=device).unsqueeze(0)
+
+    k = torch.tensor([_top_k(p, vocab) or vocab for p in params], device=device).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(position >= k, float("-inf"))
+
+    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the tokens ranked above it already reach top_p; the top
+    # token has nothing above it, so it always survives.
+    # Rows with top_p == 1 are exempt: float cumsum can reach 1.0 before the tail.
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_above >= top_p) & (position > 0) & (top_p < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def _exponential_race(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+    """``argmax(probs / E)`` with ``E ~ Exponential(1)``: a draw from ``probs``.
+
+    The noise for each row comes from that row's own generator, so a seeded row
+    does not depend on the batch around it.
+    """
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:  # the global RNG promises no reproducibility, so draw these at once
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(1.0)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            noise[i].exponential_(1.0, generator=generator)
+    # A zero draw would turn 0/0 into NaN, which argmax would pick.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)

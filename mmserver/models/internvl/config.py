@@ -1,0 +1,251 @@
+"""InternVL checkpoint configuration, parsed from either on-disk layout.
+
+The original layout (`model_type: internvl_chat`, `vision_config` + `llm_config`) and the
+transformers one (`model_type: internvl`, `vision_config` + `text_config`) describe the same
+model with different key names; both are read into one `InternVLConfig` so the rest of the
+code never looks at raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A checkpoint whose config we cannot (or must not) serve."""
+
+
+SUPPORTED_LLMS = ("qwen2", "internlm2", "llama")
+
+# Special-token ids by tokenizer family (DESIGN §4); used when the config does not say.
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm_type: str = "layer_norm"  # or "rms_norm" (InternViT-6B)
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class LLMConfig:
+    model_type: str  # qwen2 | internlm2 | llama
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    qkv_bias: bool = False
+    head_dim: int = 0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+
+
+@dataclass
+class InternVLConfig:
+    layout: str  # "original" | "hf"
+    vision: VisionConfig
+    llm: LLMConfig
+    downsample_ratio: float = 0.5
+    template: str = "internvl2_5"
+    max_dynamic_patch: int = 12
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
+    image_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    system_message: str | None = None
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        """Tokens one tile becomes; INTERNVL_IMAGE_LENGTH overrides it as in LightLLM."""
+        env = os.environ.get("INTERNVL_IMAGE_LENGTH")
+        if env:
+            return int(env)
+        side = self.vision.image_size // self.vision.patch_size
+        return int(side * side * self.downsample_ratio**2)
+
+
+def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+def _as_int(v: Any) -> int:
+    return int(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def _eos_list(v: Any) -> list[int]:
+    if v is None:
+        return []
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def _parse_vision(vc: dict[str, Any], layout: str, force_image_size: Any) -> VisionConfig:
+    try:
+        hidden = int(vc["hidden_size"])
+        return VisionConfig(
+            hidden_size=hidden,
+            num_layers=int(vc["num_hidden_layers"]),
+            num_heads=int(vc["num_attention_heads"]),
+            intermediate_size=int(vc["intermediate_size"]),
+            image_size=_as_int(force_image_size or vc.get("image_size", 448)),
+            patch_size=_as_int(vc.get("patch_size", 14)),
+            num_channels=int(vc.get("num_channels", 3)),
+            qkv_bias=bool(vc.get("qkv_bias" if layout == "original" else "attention_bias", layout == "original")),
+            qk_norm=bool(vc.get("qk_normalization" if layout == "original" else "use_qk_norm", False)),
+            norm_type=str(vc.get("norm_type", "layer_norm")),
+            norm_eps=float(vc.get("layer_norm_eps", 1e-6)),
+        )
+    except KeyError as e:
+        raise ConfigError(f"vision_config is missing {e.args[0]!r}") from None
+
+
+def _parse_llm(lc: dict[str, Any], section: str) -> LLMConfig:
+    model_type = lc.get("model_type")
+    if model_type not in SUPPORTED_LLMS:
+        raise ConfigError(
+            f"{section}.model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_LLMS)}"
+        )
+    try:
+        heads = int(lc["num_attention_heads"])
+        qkv_bias = model_type == "qwen2" or bool(lc.get("attention_bias", False))
+        if model_type == "internlm2":
+            qkv_bias = bool(lc.get("bias", False))
+        return LLMConfig(
+            model_type=model_type,
+            hidden_size=int(lc["hidden_size"]),
+            num_layers=int(lc["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(lc.get("num_key_value_heads") or heads),
+            intermediate_size=int(lc["intermediate_size"]),
+            vocab_size=int(lc["vocab_size"]),
+            rms_norm_eps=float(lc.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_get(lc, "rope_theta", default=None) or _get(lc.get("rope_parameters") or {}, "rope_theta", default=10000.0)),
+            max_position_embeddings=int(lc.get("max_position_embeddings", 32768)),
+            qkv_bias=qkv_bias,
+            head_dim=int(lc.get("head_dim") or 0),
+            tie_word_embeddings=bool(lc.get("tie_word_embeddings", False)),
+            bos_token_id=lc.get("bos_token_id"),
+            eos_token_ids=_eos_list(lc.get("eos_token_id")),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{section} is missing {e.args[0]!r}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
+
+
+def load_config(model_dir: str | os.PathLike) -> InternVLConfig:
+    """Read config.json (and, for the transformers layout, preprocessor_config.json)."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{model_dir} has no config.json; is it an InternVL checkpoint directory?")
+    raw = _read_json(cfg_path)
+    model_type = raw.get("model_type")
+    if model_type == "internvl_chat":
+        return _parse_original(raw)
+    if model_type == "internvl":
+        return _parse_hf(raw, model_dir)
+    raise ConfigError(
+        f"config.json model_type {model_type!r} is not an InternVL checkpoint (expected 'internvl_chat' or 'internvl')"
+    )
+
+
+def _parse_original(raw: dict[str, Any]) -> InternVLConfig:
+    if "vision_config" not in raw or "llm_config" not in raw:
+        raise ConfigError("config.json (internvl_chat) needs both 'vision_config' and 'llm_config'")
+    ps_version = raw.get("ps_version", "v1")
+    if ps_version != "v2":
+        raise ConfigError(
+            f"ps_version {ps_version!r} is not supported: only pixel shuffle 'v2' (InternVL2/2.5/3) is implemented"
+        )
+    select_layer = raw.get("select_layer", -1)
+    if select_layer != -1:
+        raise ConfigError(f"select_layer {select_layer} is not supported; only -1 (last ViT layer)")
+    llm = _parse_llm(raw["llm_config"], "llm_config")
+    default_template = "internvl2_5" if llm.model_type == "qwen2" else "internlm2-chat"
+    system_message = raw.get("system_message")
+    return InternVLConfig(
+        layout="original",
+        vision=_parse_vision(raw["vision_config"], "original", raw.get("force_image_size")),
+        llm=llm,
+        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        template=str(raw.get("template") or default_template),
+        max_dynamic_patch=int(raw.get("max_dynamic_patch", 12)) if raw.get("dynamic_image_size", True) else 1,
+        min_dynamic_patch=int(raw.get("min_dynamic_patch", 1)),
+        use_thumbnail=bool(raw.get("use_thumbnail", True)),
+        image_token_id=None,
+        torch_dtype=str(raw.get("torch_dtype") or raw["llm_config"].get("torch_dtype") or "bfloat16"),
+        system_message=system_message if isinstance(system_message, str) else None,
+    )
+
+
+def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
+    if "vision_config" not in raw or "text_config" not in raw:
+        raise ConfigError("config.json (internvl) needs both 'vision_config' and 'text_config'")
+    if raw.get("vision_feature_layer", -1) != -1:
+        raise ConfigError("vision_feature_layer other than -1 is not supported")
+    llm = _parse_llm(raw["text_config"], "text_config")
+    # Tile cap and thumbnail live with the image processor in this layout.
+    pp = {}
+    if (model_dir / "preprocessor_config.json").is_file():
+        pp = _read_json(model_dir / "preprocessor_config.json")
+    crop = bool(pp.get("crop_to_patches", True))
+    size = pp.get("size") or {}
+    image_size = size.get("height") if isinstance(size, dict) else None
+    # The -hf conversion rewrote InternLM2 as llama with the same tokenizer; the prompt
+    # format follows the tokenizer family, which the image token id reveals.
+    image_token_id = int(raw.get("image_token_id", 151667))
+    template = "internvl2_5" if image_token_id >= 151000 else "internlm2-chat"
+    return InternVLConfig(
+        layout="hf",
+        vision=_parse_vision(raw["vision_config"], "hf", image_size),
+        llm=llm,
+        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        template=str(raw.get("template") or template),
+        max_dynamic_patch=int(pp.get("max_patches", 12)) if crop else 1,
+        min_dynamic_patch=int(pp.get("min_patches", 1)),
+        use_thumbnail=True,
+        image_token_id=image_token_id,
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or raw["text_config"].get("torch_dtype") or "bfloat16"),
+    )

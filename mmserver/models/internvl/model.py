@@ -1,0 +1,55 @@
+"""The whole InternVL model: config + vision encoder + language model, loaded from disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..llm.decoder import DecoderLM
+from .config import ConfigError, InternVLConfig, load_config
+from .vision import VisionEncoder
+from .weights import load_weights
+
+
+class InternVLModel:
+    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor], model_dir: Path):
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.vision = VisionEncoder(cfg, weights)
+        self.llm = DecoderLM(cfg.llm, weights)
+        self.device = self.llm.device
+        self.dtype = self.llm.dtype
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             progress: bool = True) -> "InternVLModel":
+        model_dir = Path(model_dir)
+        cfg = load_config(model_dir)
+        _check_image_length(cfg)
+        weights = load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress)
+        return cls(cfg, weights, model_dir)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.cfg.image_tokens_per_tile
+
+
+def _check_image_length(cfg: InternVLConfig) -> None:
+    """INTERNVL_IMAGE_LENGTH must agree with what the ViT geometry produces per tile."""
+    v = cfg.vision
+    side = v.image_size // v.patch_size
+    geometric = int(side * side * cfg.downsample_ratio**2)
+    env = os.environ.get("INTERNVL_IMAGE_LENGTH")
+    if env is None:
+        return
+    try:
+        value = int(env)
+    except ValueError:
+        raise ConfigError(f"INTERNVL_IMAGE_LENGTH={env!r} is not an integer") from None
+    if value != geometric:
+        raise ConfigError(
+            f"INTERNVL_IMAGE_LENGTH={value} disagrees with the checkpoint: {v.image_size}px tiles, patch "
+            f"{v.patch_size}, downsample {cfg.downsample_ratio} give {geometric} tokens per tile"
+        )

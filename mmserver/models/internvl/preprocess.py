@@ -1,0 +1,266 @@
+"""InternVL image preprocessing ("dynamic high resolution" tiling).
+
+This reproduces, bit for bit, the reference pipeline that InternVL checkpoints
+were trained with (OpenGVLab ``load_image`` / ``dynamic_preprocess`` /
+``build_transform``): pick a tile grid whose aspect ratio is closest to the
+image's, resize the whole image to that grid with PIL bicubic, cut it into
+448x448 tiles row-major, append a 448x448 thumbnail of the whole image, then
+apply torchvision-style ``ToTensor`` + ImageNet ``Normalize``.  Any deviation
+(grid choice, resampling filter, float rounding) changes the vision
+embeddings, so the rules here are copied exactly rather than "improved".
+
+Only PIL, numpy and torch are used (no torchvision).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageError",
+    "ImageSource",
+    "find_grid",
+    "load_image",
+    "num_tiles",
+    "preprocess_image",
+    "tile_image",
+    "to_pixel_values",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ImageSource = Union[Image.Image, str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+
+class ImageError(ValueError):
+    """An input image cannot be used (unreadable, truncated, empty, too large, wrong type).
+
+    A ValueError subclass so request handlers can map it to a client error
+    (HTTP 400) instead of a server crash.
+    """
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_pixels(width: int, height: int, index: int) -> None:
+    """Reject empty images and decompression bombs with a readable message."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {index}: image has zero size ({width}x{height})")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ImageError(
+            f"image {index}: image is too large ({width}x{height} = {width * height} pixels, "
+            f"limit {limit}); refusing to decode (possible decompression bomb)"
+        )
+
+
+def _open_and_load(fp: io.BytesIO | str, what: str, index: int) -> Image.Image:
+    """Open, fully decode and RGB-convert an encoded image, mapping every failure to ImageError."""
+    try:
+        # Image.open only parses the header.  PIL raises DecompressionBombError above
+        # 2x MAX_IMAGE_PIXELS but merely *warns* between 1x and 2x; _check_pixels turns
+        # that band into an error too, before any pixel is decoded.  (No
+        # warnings.catch_warnings() here: it mutates process-global state and is not
+        # thread-safe, and decoding may run in a thread pool.)
+        with Image.open(fp) as im:
+            _check_pixels(im.width, im.height, index)
+            im.load()  # decode now so truncated/corrupt data fails here, not mid-batch
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {index}: image is too large, possible decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"image {index}: cannot decode {what} as an image (cannot identify image file)") from e
+    except FileNotFoundError as e:
+        raise ImageError(f"image {index}: file not found: {fp!s}") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"image {index}: path is a directory, not an image file: {fp!s}") from e
+    except PermissionError as e:
+        raise ImageError(f"image {index}: permission denied reading {fp!s}") from e
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        # PIL reports truncated/corrupt payloads as OSError ("image file is truncated"),
+        # and some plugins raise ValueError/SyntaxError/EOFError on malformed headers.
+        raise ImageError(f"image {index}: cannot decode {what} as an image ({e})") from e
+
+
+def load_image(src: ImageSource, index: int = 0) -> Image.Image:
+    """Load an image from a PIL image, a filesystem path, or raw encoded bytes, as RGB.
+
+    Alpha is dropped with a plain ``convert('RGB')`` (no compositing on white), exactly
+    like the reference InternVL loader, so pixel values match what the model saw in training.
+
+    ``index`` is only used in error messages ("image {index}: ...") so a client sending
+    several images can tell which one was bad.
+
+    Raises:
+        ImageError: missing file, undecodable/truncated data, zero-size image,
+            decompression bomb, or an unsupported ``src`` type.
+    """
+    if isinstance(src, Image.Image):
+        if src.width <= 0 or src.height <= 0:
+            raise ImageError(f"image {index}: image has zero size ({src.width}x{src.height})")
+        try:
+            src.load()  # a lazily opened PIL image may still be truncated on disk
+            return src if src.mode == "RGB" else src.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageError(f"image {index}: cannot decode image data ({e})") from e
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if not data:
+            raise ImageError(f"image {index}: cannot decode bytes as an image (empty data)")
+        return _open_and_load(io.BytesIO(data), "bytes", index)
+
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not path:
+            raise ImageError(f"image {index}: empty path")
+        return _open_and_load(path, f"file {path!r}", index)
+
+    raise ImageError(
+        f"image {index}: unsupported image type {type(src).__name__!r} "
+        "(expected PIL.Image.Image, a filesystem path, or encoded bytes)"
+    )
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+@functools.lru_cache(maxsize=4096)
+def find_grid(width: int, height: int, min_num: int, max_num: int, tile: int = 448) -> tuple[int, int]:
+    """Return the (cols, rows) tile grid InternVL uses for a width x height image.
+
+    Literal port of ``find_closest_aspect_ratio`` + the candidate list of
+    ``dynamic_preprocess``: candidates are a *set* sorted by area (so same-area
+    candidates keep CPython's set iteration order, as in the original), the
+    first grid with the smallest |W/H - cols/rows| wins, and on an exact tie a
+    later (larger) grid replaces it only while the image area exceeds half the
+    grid's pixel area.  Cached because servers see the same sizes repeatedly.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect_ratio = width / height
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
+    candidates = sorted(target_ratios, key=lambda x: x[0] * x[1])
+
+    best_ratio_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for ratio in candidates:
+        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * tile * tile * ratio[0] * ratio[1]:
+                best = ratio
+    return best
+
+
+def tile_image(
+    img: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    tile: int = 448,
+) -> list[Image.Image]:
+    """Split an image into InternVL tiles (row-major), plus a whole-image thumbnail.
+
+    The thumbnail is only added when there is more than one tile, as in the
+    reference; ``max_num <= 1`` degenerates to a single bicubic resize to
+    ``tile x tile`` (what InternVL does with ``max_num=1``).
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # same as the reference transform's convert Lambda
+    bicubic = Image.Resampling.BICUBIC
+    if max_num <= 1:
+        return [img.resize((tile, tile), bicubic)]
+
+    cols, rows = find_grid(img.width, img.height, min_num, max_num, tile)
+    resized = img.resize((tile * cols, tile * rows), bicubic)
+    tiles = []
+    for i in range(cols * rows):
+        c, r = i % cols, i // cols
+        tiles.append(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((tile, tile), bicubic))
+    return tiles
+
+
+def num_tiles(
+    width: int,
+    height: int,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    tile: int = 448,
+) -> int:
+    """Number of tiles ``tile_image`` yields for a width x height image, without touching pixels.
+
+    Lets the server size the prompt (image tokens per tile x tiles) before decoding.
+    """
+    if max_num <= 1:
+        return 1
+    cols, rows = find_grid(width, height, min_num, max_num, tile)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n != 1 else n
+
+
+# --------------------------------------------------------------------------- tensors
+
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
+    """Stack tiles into a float32 [n, 3, H, W] tensor, ImageNet-normalised.
+
+    Performs the same float32 ops in the same order as torchvision's
+    ``ToTensor`` (``uint8 -> float32``, ``div(255)``) and ``Normalize``
+    (``sub_(mean).div_(std)`` with float32 mean/std), so results are bitwise
+    identical to the reference pipeline.
+    """
+    if not tiles:
+        raise ValueError("to_pixel_values needs at least one tile")
+    arrays = []
+    for t in tiles:
+        if t.mode != "RGB":
+            t = t.convert("RGB")
+        arrays.append(np.asarray(t, dtype=np.uint8))
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"tiles have different sizes: {sorted({a.shape for a in arrays})}")
+    batch = torch.from_numpy(np.stack(arrays))  # [n, H, W, 3] uint8
+    x = batch.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)
+    x.sub_(_MEAN).div_(_STD)
+    return x.contiguous()
+
+
+def preprocess_image(
+    img: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    tile: int = 448,
+) -> torch.Tensor:
+    """Full InternVL preprocessing of one RGB image: tiles -> normalised float32 [n, 3, tile, tile]."""
+    return to_pixel_values(tile_image(img, max_num=max_num, min_num=min_num, use_thumbnail=use_thumbnail, tile=tile))

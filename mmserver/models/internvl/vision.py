@@ -1,0 +1,92 @@
+"""InternViT encoder, pixel shuffle v2 and the `mlp1` projector: tiles → LLM embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import kernels
+from .config import InternVLConfig
+
+
+def _norm(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, norm_type: str, eps: float) -> torch.Tensor:
+    if norm_type == "rms_norm":
+        return _rms(x, w[prefix + ".weight"], eps)
+    return F.layer_norm(x, (x.shape[-1],), w[prefix + ".weight"], w[prefix + ".bias"], eps)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # InternViT-6B RMSNorm: statistics in float32, weight applied in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def pixel_shuffle_v2(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """[N, h, w, C] → [N, h·r, w·r, C/r²]; each output token is the 2×2 block TL, TR, BL, BR."""
+    n, h, w, c = x.shape
+    x = x.view(n, h, int(w * ratio), int(c / ratio))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(w * ratio), int(h * ratio), int(c / (ratio * ratio)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class VisionEncoder:
+    """Runs tiles [N, 3, 448, 448] through InternViT and mlp1; returns [N, tokens, H_llm]."""
+
+    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.v = cfg.vision
+        self.w = weights
+        self.dtype = weights["vit.patch.weight"].dtype
+        self.device = weights["vit.patch.weight"].device
+
+    @torch.inference_mode()
+    def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states [N, 1 + patches, C] (no final norm, as the original)."""
+        v, w = self.v, self.w
+        x = F.conv2d(pixel_values.to(self.device, self.dtype), w["vit.patch.weight"], w["vit.patch.bias"],
+                     stride=v.patch_size)
+        n = x.shape[0]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([w["vit.cls"].expand(n, -1, -1), x], dim=1) + w["vit.pos"]
+        for i in range(v.num_layers):
+            x = self._layer(x, f"vit.layers.{i}.")
+        return x
+
+    def _layer(self, x: torch.Tensor, p: str) -> torch.Tensor:
+        v, w = self.v, self.w
+        n, s, c = x.shape
+        h = _norm(x, w, p + "norm1", v.norm_type, v.norm_eps)
+        qkv = F.linear(h, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
+        q, k, vv = qkv.split(c, dim=-1)
+        if v.qk_norm:  # 6B style: RMSNorm over the full width, before the head split
+            q = _rms(q, w[p + "q_norm.weight"], v.norm_eps)
+            k = _rms(k, w[p + "k_norm.weight"], v.norm_eps)
+        heads = (n, s, v.num_heads, v.head_dim)
+        q, k, vv = (t.reshape(heads).transpose(1, 2) for t in (q, k, vv))
+        attn = kernels.vit_attention(q, k, vv, v.head_dim**-0.5)
+        attn = attn.transpose(1, 2).reshape(n, s, c)
+        x = x + w[p + "ls1"] * F.linear(attn, w[p + "proj.weight"], w[p + "proj.bias"])
+        h = _norm(x, w, p + "norm2", v.norm_type, v.norm_eps)
+        h = F.linear(F.gelu(F.linear(h, w[p + "fc1.weight"], w[p + "fc1.bias"])), w[p + "fc2.weight"], w[p + "fc2.bias"])
+        return x + w[p + "ls2"] * h
+
+    @torch.inference_mode()
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Drop CLS, pixel-shuffle and apply mlp1: [N, 1+P, C] → [N, P·r², H_llm]."""
+        w = self.w
+        x = hidden[:, 1:]
+        n, p, c = x.shape
+        side = int(p**0.5)
+        x = pixel_shuffle_v2(x.reshape(n, side, side, c), self.cfg.downsample_ratio)
+        x = x.reshape(n, -1, x.shape[-1])
+        x = F.layer_norm(x, (x.shape[-1],), w["mlp1.norm.weight"], w["mlp1.norm.bias"], 1e-5)
+        x = F.gelu(F.linear(x, w["mlp1.fc1.weight"], w["mlp1.fc1.bias"]))
+        return F.linear(x, w["mlp1.fc2.weight"], w["mlp1.fc2.bias"])
+
+    def encode(self, pixel_values: torch.Tensor, max_batch: int = 64) -> torch.Tensor:
+        """Tiles → [N, tokens_per_tile, H_llm], run in chunks of `max_batch` tiles."""
+        outs = [self.project(self.vit(pixel_values[i:i + max_batch]))
+                for i in range(0, pixel_values.shape[0], max_batch)]
+        return torch.cat(outs, dim=0)

@@ -1,0 +1,96 @@
+"""One decoder for Qwen2, InternLM2 and LLaMA: they differ only in names (mapped at load
+time), in whether q/k/v carry a bias, and in their constants.
+
+The forward runs a packed batch: the new tokens of several requests concatenated, each
+request reading its earlier tokens' K/V from the token-level KV pool through the token
+table. Prefill chunks and single decode tokens can share one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ... import kernels
+from ..internvl.config import LLMConfig
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward needs; tensors live on the model's device."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slots: torch.Tensor  # [T] int32: KV slot of each new token
+    req_rows: torch.Tensor  # [B] int32: token-table row of each request
+    cu_q: torch.Tensor  # [B+1] int32: new-token offsets in the packed batch
+    prefix_lens: torch.Tensor  # [B] int32: tokens already cached before the new ones
+    seq_lens: torch.Tensor  # [B] int32: prefix + new
+    max_q_len: int
+    max_seq_len: int
+    logit_rows: torch.Tensor  # [R] int64: rows of the packed batch whose logits are needed
+    image_rows: torch.Tensor | None = None  # [M, H] embeddings replacing image tokens
+    image_index: torch.Tensor | None = None  # [T] int32: row in image_rows, or -1
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+
+class DecoderLM:
+    def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.w = weights
+        self.device = weights["llm.embed.weight"].device
+        self.dtype = weights["llm.embed.weight"].dtype
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.cos, self.sin = kernels.rope_cos_sin(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
+                                                  self.device)
+
+    def kv_shape(self, num_slots: int) -> tuple[int, int, int, int]:
+        c = self.cfg
+        return (c.num_layers, num_slots, 2 * c.num_kv_heads, c.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+        """Returns float32 logits [R, vocab] for `batch.logit_rows`."""
+        c, w = self.cfg, self.w
+        h = kernels.embedding(batch.input_ids, w["llm.embed.weight"], batch.image_rows, batch.image_index)
+        residual = None
+        for i in range(c.num_layers):
+            p = f"llm.layers.{i}."
+            if residual is None:
+                x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps), h
+            else:
+                x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps, residual=residual)
+            h = self._attention(x, i, batch, kv_pool[i], token_table)
+            x, residual = kernels.rms_norm(h, w[p + "norm2.weight"], c.rms_norm_eps, residual=residual)
+            h = F.linear(kernels.silu_and_mul(F.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
+        # Only the rows that produce a next token need the final norm and the LM head.
+        h = h.index_select(0, batch.logit_rows)
+        residual = residual.index_select(0, batch.logit_rows)
+        x, _ = kernels.rms_norm(h, w["llm.norm.weight"], c.rms_norm_eps, residual=residual)
+        return F.linear(x, w["llm.lm_head.weight"]).float()
+
+    def _attention(self, x: torch.Tensor, i: int, b: ForwardBatch, kv: torch.Tensor,
+                   token_table: torch.Tensor) -> torch.Tensor:
+        c, w = self.cfg, self.w
+        p = f"llm.layers.{i}."
+        t = x.shape[0]
+        qkv = F.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, c.num_heads, c.head_dim)
+        k = k.reshape(t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(t, c.num_kv_heads, c.head_dim)
+        kernels.apply_rope(q, k, b.positions, self.cos, self.sin)
+        kernels.write_kv(kv, k, v, b.slots)
+        if b.is_decode:
+            o = kernels.decode_attention(q, kv, token_table, b.req_rows, b.seq_lens, self.scale, b.max_seq_len)
+        else:
+            o = kernels.prefill_attention(q, kv, token_table, b.req_rows, b.cu_q, b.prefix_lens, b.max_q_len,
+                                          self.scale)
+        return F.linear(o.reshape(t, self.q_size), w[p + "o.weight"])

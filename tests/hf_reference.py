@@ -1,0 +1,49 @@
+"""The transformers reference: InternVLForConditionalGeneration on the same weights, float32."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def hf_model(model_dir: str):
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_pixel_values(images, max_patches: int = 12) -> tuple[torch.Tensor, list[int]]:
+    """Tiles made by transformers' own image processor (independent of our preprocessing)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    proc = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max_patches,
+                                    size={"height": 448, "width": 448},
+                                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    out = proc(images=list(images), return_tensors="pt")
+    return out["pixel_values"], [int(n) for n in out["num_patches"]]
+
+
+@torch.inference_mode()
+def hf_greedy(model_dir: str | Path, input_ids: list[int], pixel_values: torch.Tensor | None,
+              max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' generate, never stopping early on EOS."""
+    from transformers import GenerationConfig
+
+    model = hf_model(str(model_dir))
+    ids = torch.tensor([input_ids], dtype=torch.long)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg, **kwargs)
+    return out[0, len(input_ids):].tolist()
+
+
+@torch.inference_mode()
+def hf_image_features(model_dir: str | Path, pixel_values: torch.Tensor) -> torch.Tensor:
+    model = hf_model(str(model_dir))
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    return out.pooler_output
