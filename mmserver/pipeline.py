@@ -9,7 +9,6 @@ The model code and the engine are the ones the server's workers run.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from .engine.engine import Engine, EngineConfig
 from .engine.sampling import SamplingParams
 from .frontend.detokenize import IncrementalDetokenizer
 from .models.internvl.preprocess import load_image, preprocess_image
+from .models.internvl.config import stop_token_ids
 from .models.internvl.prompt import SpecialIds, build_input_ids, get_template, question_with_images
 from .models.registry import load_model
 
@@ -107,7 +107,7 @@ class Pipeline:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.template = get_template(self.cfg.template)
-        self.stop_token_ids = _stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
+        self.stop_token_ids = stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
         self.default_gen_config = GenerationConfig()
         self.engine = Engine(self.model.llm, engine_config or EngineConfig(), self.special.img_context,
                              encode_images=self.model.vision.encode)
@@ -197,22 +197,6 @@ class Pipeline:
 
 def _copy_params(params: SamplingParams) -> SamplingParams:
     return SamplingParams(**{f.name: getattr(params, f.name) for f in fields(SamplingParams)})
-
-
-def _stop_token_ids(model_dir: Path, tokenizer, llm_eos: list[int]) -> list[int]:
-    """Chat generation stops on <|im_end|> and the generation_config's EOS ids."""
-    ids: list[int] = []
-    path = model_dir / "generation_config.json"
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    if not ids:
-        ids = list(llm_eos)
-    return sorted(set(int(i) for i in ids))
 
 
 def pipeline(model_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
@@ -405,6 +404,43 @@ def plan_shards(tensors: list[OutTensor], dtype: torch.dtype, shard_bytes: int) 
     return shards
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _safetensors_header(shard: list[OutTensor], dtype: torch.dtype) -> bytes:
+    """Header for tensors stored back to back in shard order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard:
+        size = _nbytes(t.shape, dtype)
+        header[t.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class _TensorSource:
+    """Generates canonical tensors on demand, each kept only until its last use."""
+
+    def __init__(self, canons: list[Canon], tensors: list[OutTensor], seed: int, dtype: torch.dtype) -> None:
+        self._by_name = {c.name: c for c in canons}
+        self._remaining = Counter(t.source for t in tensors)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._seed, self._dtype = seed, dtype
+
+    def get(self, t: OutTensor) -> torch.Tensor:
+        if t.source not in self._cache:
+            self._cache[t.source] = generate(self._by_name[t.source], self._seed, self._dtype)
+        base = self._cache[t.source]
+        self._remaining[t.source] -= 1
+        if self._remaining[t.source] == 0:
+            del self._cache[t.source]
+        out = (t.derive(base) if t.derive else base).contiguous()
+        assert tuple(out.shape) == t.shape, (t.name, tuple(out.shape), t.shape)
+        return out
+
+
 def write_weights(
     out_dir: Path,
     tensors: list[OutTensor],
@@ -414,36 +450,26 @@ def write_weights(
     shard_bytes: int,
     progress: bool,
 ) -> None:
-    by_name = {c.name: c for c in canons}
-    # Keep a canonical tensor only until its last derived tensor is written.
-    remaining = Counter(t.source for t in tensors)
-    cache: dict[str, torch.Tensor] = {}
+    """Stream tensors straight into safetensors shards.
+
+    The layout is planned up front, so each header is known before any data is
+    drawn and only one canonical tensor is in memory at a time (8B fits easily).
+    """
+    source = _TensorSource(canons, tensors, seed, dtype)
     shards = plan_shards(tensors, dtype, shard_bytes)
-    n = len(shards)
     weight_map: dict[str, str] = {}
-    total = 0
     bar = tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not progress)
     for idx, shard in enumerate(shards, start=1):
-        fname = f"model-{idx:05d}-of-{n:05d}.safetensors"
-        data: dict[str, torch.Tensor] = {}
-        for t in shard:
-            if t.source not in cache:
-                cache[t.source] = generate(by_name[t.source], seed, dtype)
-            base = cache[t.source]
-            tensor = t.derive(base) if t.derive else base
-            assert tuple(tensor.shape) == t.shape, (t.name, tensor.shape, t.shape)
-            data[t.name] = tensor.contiguous()
-            weight_map[t.name] = fname
-            total += tensor.numel() * tensor.element_size()
-            remaining[t.source] -= 1
-            if remaining[t.source] == 0:
-                del cache[t.source]
-            bar.update(1)
-        save_file(data, str(out_dir / fname), metadata={"format": "pt"})
-        del data
+        fname = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
+        with open(out_dir / fname, "wb") as f:
+            f.write(_safetensors_header(shard, dtype))
+            for t in shard:
+                f.write(source.get(t).view(-1).view(torch.uint8).numpy().data)
+                weight_map[t.name] = fname
+                bar.update(1)
     bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_json(out_dir / "model.safetensors.index.json", index)
+    total = sum(_nbytes(t.shape, dtype) for t in tensors)
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -112,6 +112,13 @@ def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int | None, device
     return max(1, min(want, cap, MAX_SPLITS))
 
 
+def _config(block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel."""
+    if interpreting():
+        return 16, 1, 1
+    return 64, 4, 3
+
+
 def decode_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -132,7 +139,7 @@ def decode_attention(
         num_splits = choose_num_splits(B, HK, max_seq_len, q.device)
     group = HQ // HK
     block_d = max(16, next_pow2(D))
-    block_n = 16 if interpreting() else 64
+    block_n, warps, stages = _config(block_d)
     if num_splits > 1:
         part_out = torch.empty((B, HQ, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q.device)
@@ -145,7 +152,7 @@ def decode_attention(
         token_table.stride(0),
         HK, group, D,
         NUM_SPLITS=num_splits, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PREC=dot_precision(q.dtype), num_warps=1 if interpreting() else 4, num_stages=1 if interpreting() else 3,
+        PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, HQ)](

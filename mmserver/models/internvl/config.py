@@ -249,3 +249,18 @@ def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
         image_token_id=image_token_id,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or raw["text_config"].get("torch_dtype") or "bfloat16"),
     )
+
+
+def stop_token_ids(model_dir: str | os.PathLike, tokenizer, llm_eos: list[int]) -> list[int]:
+    """Chat generation stops on <|im_end|> and on the generation_config's EOS ids."""
+    ids: list[int] = []
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        eos = _read_json(path).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    if not ids:
+        ids = list(llm_eos)
+    return sorted(set(int(i) for i in ids))

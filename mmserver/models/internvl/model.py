@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ...engine.tp import TPGroup, shard_weights
 from ..llm.decoder import DecoderLM
 from .config import ConfigError, InternVLConfig, load_config
 from .vision import VisionEncoder
@@ -14,22 +15,40 @@ from .weights import load_weights
 
 
 class InternVLModel:
-    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor], model_dir: Path):
+    """With `tp` (size > 1) `weights` are this rank's shard; see `mmserver.engine.tp`."""
+
+    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor], model_dir: Path,
+                 tp: TPGroup | None = None):
         self.cfg = cfg
         self.model_dir = model_dir
-        self.vision = VisionEncoder(cfg, weights)
-        self.llm = DecoderLM(cfg.llm, weights)
+        self.tp = tp
+        self.vision = VisionEncoder(cfg, weights, tp)
+        self.llm = DecoderLM(cfg.llm, weights, tp)
         self.device = self.llm.device
         self.dtype = self.llm.dtype
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             progress: bool = True) -> "InternVLModel":
+             progress: bool = True, tp: TPGroup | None = None) -> "InternVLModel":
+        """Load the checkpoint; with `tp` (size > 1) keep only this rank's shard on `device`."""
         model_dir = Path(model_dir)
         cfg = load_config(model_dir)
         _check_image_length(cfg)
-        weights = load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress)
-        return cls(cfg, weights, model_dir)
+        if tp is None or tp.size == 1:
+            weights = load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress)
+            return cls(cfg, weights, model_dir, tp)
+        # Whole model on the host, shard there, then move only the shard: a rank's GPU never
+        # holds the full model.
+        full = load_weights(model_dir, cfg, device="cpu", dtype=dtype, progress=progress and tp.rank == 0)
+        shard = shard_weights(full, cfg, tp.rank, tp.size)
+        del full
+        moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
+        weights = {}
+        for name, t in shard.items():
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device)
+            weights[name] = moved[id(t)]
+        return cls(cfg, weights, model_dir, tp)
 
     @property
     def tokens_per_tile(self) -> int:

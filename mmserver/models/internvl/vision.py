@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import kernels
+from ...engine.tp import TPGroup
 from .config import InternVLConfig
 
 
@@ -22,6 +23,17 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def _rms_pair_tp(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                 full_width: int, tp: TPGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_rms` of q and k whose last dim is sharded over ranks: the mean of squares must cover the
+    FULL width, so the local sums of squares are summed over ranks (one all_reduce for both)."""
+    qf, kf = q.float(), k.float()
+    sq = torch.cat([qf.pow(2).sum(-1, keepdim=True), kf.pow(2).sum(-1, keepdim=True)], dim=-1)
+    tp.all_reduce(sq)
+    inv = torch.rsqrt(sq / full_width + eps)
+    return wq * (qf * inv[..., :1]).to(q.dtype), wk * (kf * inv[..., 1:]).to(k.dtype)
+
+
 def pixel_shuffle_v2(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     """[N, h, w, C] → [N, h·r, w·r, C/r²]; each output token is the 2×2 block TL, TR, BL, BR."""
     n, h, w, c = x.shape
@@ -32,14 +44,30 @@ def pixel_shuffle_v2(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 
 
 class VisionEncoder:
-    """Runs tiles [N, 3, 448, 448] through InternViT and mlp1; returns [N, tokens, H_llm]."""
+    """Runs tiles [N, 3, 448, 448] through InternViT and mlp1; returns [N, tokens, H_llm].
 
-    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor]):
+    With `tp`, `weights` are this rank's shard (see `engine.tp.shard_vision_weights`): each rank
+    runs num_heads / tp heads and 1 / tp of fc1; proj and fc2 outputs are summed over ranks.
+    Every rank must call `encode` with the same tiles; all ranks get the full result.
+    """
+
+    def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
         self.cfg = cfg
         self.v = cfg.vision
         self.w = weights
+        self.tp = tp if tp is not None and tp.size > 1 else None  # None: no collectives at all
         self.dtype = weights["vit.patch.weight"].dtype
         self.device = weights["vit.patch.weight"].device
+        size = self.tp.size if self.tp else 1
+        if self.v.num_heads % size:
+            raise ValueError(f"tensor parallelism {size} needs the ViT's num_heads % tp == 0, "
+                             f"got num_heads={self.v.num_heads}")
+        self.num_heads = self.v.num_heads // size
+        self.width = self.num_heads * self.v.head_dim  # local attention width
+        rows = weights["vit.layers.0.qkv.weight"].shape[0]
+        if rows != 3 * self.width:
+            raise ValueError(f"ViT qkv weight has {rows} rows but tp={size} expects {3 * self.width}: "
+                             "are the weights sharded for this tensor-parallel size?")
 
     @torch.inference_mode()
     def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -56,21 +84,33 @@ class VisionEncoder:
 
     def _layer(self, x: torch.Tensor, p: str) -> torch.Tensor:
         v, w = self.v, self.w
-        n, s, c = x.shape
+        n, s, _ = x.shape
         h = _norm(x, w, p + "norm1", v.norm_type, v.norm_eps)
         qkv = F.linear(h, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
-        q, k, vv = qkv.split(c, dim=-1)
+        q, k, vv = qkv.split(self.width, dim=-1)
         if v.qk_norm:  # 6B style: RMSNorm over the full width, before the head split
-            q = _rms(q, w[p + "q_norm.weight"], v.norm_eps)
-            k = _rms(k, w[p + "k_norm.weight"], v.norm_eps)
-        heads = (n, s, v.num_heads, v.head_dim)
+            if self.tp:
+                q, k = _rms_pair_tp(q, k, w[p + "q_norm.weight"], w[p + "k_norm.weight"], v.norm_eps,
+                                    v.hidden_size, self.tp)
+            else:
+                q = _rms(q, w[p + "q_norm.weight"], v.norm_eps)
+                k = _rms(k, w[p + "k_norm.weight"], v.norm_eps)
+        heads = (n, s, self.num_heads, v.head_dim)
         q, k, vv = (t.reshape(heads).transpose(1, 2) for t in (q, k, vv))
         attn = kernels.vit_attention(q, k, vv, v.head_dim**-0.5)
-        attn = attn.transpose(1, 2).reshape(n, s, c)
-        x = x + w[p + "ls1"] * F.linear(attn, w[p + "proj.weight"], w[p + "proj.bias"])
+        attn = attn.transpose(1, 2).reshape(n, s, self.width)
+        x = x + w[p + "ls1"] * self._row_linear(attn, w[p + "proj.weight"], w[p + "proj.bias"])
         h = _norm(x, w, p + "norm2", v.norm_type, v.norm_eps)
-        h = F.linear(F.gelu(F.linear(h, w[p + "fc1.weight"], w[p + "fc1.bias"])), w[p + "fc2.weight"], w[p + "fc2.bias"])
+        h = self._row_linear(F.gelu(F.linear(h, w[p + "fc1.weight"], w[p + "fc1.bias"])), w[p + "fc2.weight"],
+                             w[p + "fc2.bias"])
         return x + w[p + "ls2"] * h
+
+    def _row_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """A row-parallel linear: partial products summed over ranks, the bias added once, after."""
+        if not self.tp:
+            return F.linear(x, weight, bias)
+        out = self.tp.all_reduce(F.linear(x, weight))
+        return out.add_(bias)
 
     @torch.inference_mode()
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

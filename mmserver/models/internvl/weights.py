@@ -216,7 +216,7 @@ def list_shards(model_dir: Path) -> list[Path]:
     return files
 
 
-def _read_shard(path: Path, cfg: InternVLConfig, device: str) -> dict[str, list]:
+def _read_shard(path: Path, cfg: InternVLConfig, device: str, prefixes: tuple[str, ...]) -> dict[str, list]:
     from safetensors import safe_open
 
     parts: dict[str, list] = {}
@@ -224,7 +224,7 @@ def _read_shard(path: Path, cfg: InternVLConfig, device: str) -> dict[str, list]
         with safe_open(str(path), framework="pt", device=device) as f:
             for key in f.keys():
                 target = map_key(key, cfg)
-                if target is None:
+                if target is None or not target[0].startswith(prefixes):
                     continue
                 name, part, transform = target
                 parts.setdefault(name, []).append((part, key, transform(f.get_tensor(key))))
@@ -235,16 +235,25 @@ def _read_shard(path: Path, cfg: InternVLConfig, device: str) -> dict[str, list]
     return parts
 
 
+COMPONENTS = {"vision": ("vit.", "mlp1."), "llm": ("llm.",)}
+
+
 def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Load all shards, fuse parts and check every tensor against `expected_shapes`."""
+                 dtype: torch.dtype = torch.float32, progress: bool = True,
+                 components: tuple[str, ...] = ("vision", "llm")) -> dict[str, torch.Tensor]:
+    """Load all shards, fuse parts and check every tensor against `expected_shapes`.
+
+    `components` limits loading to the vision encoder or the LLM, so a process holds
+    only the part it runs.
+    """
+    prefixes = tuple(p for c in components for p in COMPONENTS[c])
     model_dir = Path(model_dir)
     shards = list_shards(model_dir)
     workers = max(1, int(os.environ.get("LOADWORKER", "1")))
     collected: dict[str, list] = {}
     bar = _progress(len(shards), "loading weights", progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for parts in pool.map(lambda p: _read_shard(p, cfg, device), shards):
+        for parts in pool.map(lambda p: _read_shard(p, cfg, device, prefixes), shards):
             for name, items in parts.items():
                 collected.setdefault(name, []).extend(items)
             bar.update(1)
@@ -252,7 +261,7 @@ def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str 
 
     if "llm.lm_head.weight" not in collected and cfg.llm.tie_word_embeddings and "llm.embed.weight" in collected:
         collected["llm.lm_head.weight"] = collected["llm.embed.weight"]
-    expected = expected_shapes(cfg)
+    expected = {k: v for k, v in expected_shapes(cfg).items() if k.startswith(prefixes)}
     missing = sorted(set(expected) - set(collected))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

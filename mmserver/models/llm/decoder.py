@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import kernels
+from ...engine.tp import TPGroup, local_kv_heads
 from ..internvl.config import LLMConfig
 
 
@@ -40,20 +41,32 @@ class ForwardBatch:
 
 
 class DecoderLM:
-    def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor]):
+    """With `tp`, `weights` are this rank's shard (see `engine.tp.shard_llm_weights`): the rank
+    runs its own heads and MLP columns, and the o / down outputs are summed over ranks."""
+
+    def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
         self.cfg = cfg
         self.w = weights
+        self.tp = tp if tp is not None and tp.size > 1 else None  # None: no collectives at all
         self.device = weights["llm.embed.weight"].device
         self.dtype = weights["llm.embed.weight"].dtype
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        size = self.tp.size if self.tp else 1
+        self.num_heads = cfg.num_heads // size
+        self.num_kv_heads = local_kv_heads(cfg.num_heads, cfg.num_kv_heads, size)
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        rows = weights["llm.layers.0.qkv.weight"].shape[0]
+        if rows != self.q_size + 2 * self.kv_size:
+            raise ValueError(f"qkv weight has {rows} rows but tp={size} expects {self.q_size + 2 * self.kv_size}: "
+                             "are the weights sharded for this tensor-parallel size?")
         self.scale = cfg.head_dim**-0.5
         self.cos, self.sin = kernels.rope_cos_sin(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                                   self.device)
 
     def kv_shape(self, num_slots: int) -> tuple[int, int, int, int]:
+        """KV pool shape on this rank: only its local KV heads."""
         c = self.cfg
-        return (c.num_layers, num_slots, 2 * c.num_kv_heads, c.head_dim)
+        return (c.num_layers, num_slots, 2 * self.num_kv_heads, c.head_dim)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
@@ -70,6 +83,8 @@ class DecoderLM:
             h = self._attention(x, i, batch, kv_pool[i], token_table)
             x, residual = kernels.rms_norm(h, w[p + "norm2.weight"], c.rms_norm_eps, residual=residual)
             h = F.linear(kernels.silu_and_mul(F.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
+            if self.tp:
+                self.tp.all_reduce(h)  # down is row-parallel
         # Only the rows that produce a next token need the final norm and the LM head.
         h = h.index_select(0, batch.logit_rows)
         residual = residual.index_select(0, batch.logit_rows)
@@ -83,9 +98,9 @@ class DecoderLM:
         t = x.shape[0]
         qkv = F.linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, c.num_heads, c.head_dim)
-        k = k.reshape(t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(t, c.num_kv_heads, c.head_dim)
+        q = q.reshape(t, self.num_heads, c.head_dim)
+        k = k.reshape(t, self.num_kv_heads, c.head_dim)
+        v = v.reshape(t, self.num_kv_heads, c.head_dim)
         kernels.apply_rope(q, k, b.positions, self.cos, self.sin)
         kernels.write_kv(kv, k, v, b.slots)
         if b.is_decode:
@@ -93,4 +108,7 @@ class DecoderLM:
         else:
             o = kernels.prefill_attention(q, kv, token_table, b.req_rows, b.cu_q, b.prefix_lens, b.max_q_len,
                                           self.scale)
-        return F.linear(o.reshape(t, self.q_size), w[p + "o.weight"])
+        out = F.linear(o.reshape(t, self.q_size), w[p + "o.weight"])
+        if self.tp:
+            self.tp.all_reduce(out)  # o is row-parallel
+        return out

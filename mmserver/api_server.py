@@ -1,0 +1,168 @@
+"""`python -m mmserver.api_server --model_dir DIR --enable_multimodal`: start the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .args import ArgError, ServerArgs, parse_args
+from .launcher import Cluster, StartupError, configure_logging, fail, new_cluster, pipe
+
+log = logging.getLogger("mmserver")
+
+HEALTH_POLL_S = 0.25
+
+
+def _itemsize(args: ServerArgs, checkpoint_dtype: str) -> int:
+    import torch
+
+    from .pipeline import resolve_dtype
+
+    return torch.tensor([], dtype=resolve_dtype(args.data_type or "auto", args.resolved_device,
+                                                 checkpoint_dtype)).element_size()
+
+
+def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) -> dict:
+    """Start the child processes in order; returns the HTTP process's pipe ends and facts."""
+    from .embed_cache.process import run_cache
+    from .router.process import run_router
+    from .visual.process import run_visual
+
+    http_to_router_r, http_to_router_w = pipe()
+    router_to_http_r, router_to_http_w = pipe()
+    visual_to_router_r, visual_to_router_w = pipe()
+    ends = {"to_router": http_to_router_w, "from_router": router_to_http_r, "to_visual": None, "from_visual": None,
+            "cache_socket": None}
+    if args.enable_multimodal:
+        socket_path = os.path.join(cluster.workdir, "cache.sock")
+        cluster.start("embed_cache", run_cache, args.log_level, prefix=cluster.prefix, socket_path=socket_path,
+                      hidden_size=cfg.llm.hidden_size, itemsize=_itemsize(args, cfg.torch_dtype),
+                      capacity=args.cache_capacity, max_bytes=args.cache_max_bytes)
+        http_to_visual_r, http_to_visual_w = pipe()
+        visual_to_http_r, visual_to_http_w = pipe()
+        cluster.start("visual", run_visual, args.log_level, args=args, from_http=http_to_visual_r,
+                      to_router=visual_to_router_w, to_http=visual_to_http_w, cache_socket=socket_path)
+        ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
+    info = cluster.start("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
+                         from_visual=visual_to_router_r, to_http=router_to_http_w, image_token_id=image_token_id)
+    ends["router_info"] = info
+    return ends
+
+
+async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special, stop_ids, ends: dict) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from .embed_cache.service import CacheClient
+    from .frontend.intake import Intake, IntakeLimits
+    from .frontend.streams import Streams
+    from .http.server import AppState, build_app
+
+    loop = asyncio.get_running_loop()
+    session = aiohttp.ClientSession()
+    cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
+    max_req_len = ends["router_info"]["max_req_len"]
+    intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
+                    IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
+                                 max_req_len, args.cache_wait_s), cache, session)
+    streams = Streams(tokenizer, ends["to_router"], ends["to_visual"], intake.release)
+    stats: dict[str, dict] = {}
+
+    def health() -> str | None:
+        return streams.failure or cluster.dead()
+
+    def drain(conn, source: str) -> None:
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "out":
+                    streams.dispatch(msg[1])
+                elif msg[0] == "stats":
+                    stats[source] = msg[1]
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            streams.fail_all(f"{source} process is gone")
+
+    loop.add_reader(ends["from_router"].fileno(), drain, ends["from_router"], "router")
+    if ends["from_visual"] is not None:
+        loop.add_reader(ends["from_visual"].fileno(), drain, ends["from_visual"], "visual")
+
+    state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
+                     max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
+                     model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
+                     health=health, stats=stats)
+    app = build_app(state, args.max_request_bytes)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    print(f"mmserver ready on http://{args.host}:{args.port} "
+          f"(kv slots {ends['router_info']['kv_slots']}, max_req_total_len {max_req_len})", flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_children() -> None:
+        while not stop.is_set():
+            reason = cluster.dead()
+            if reason and streams.failure is None:
+                log.error("worker failure: %s", reason)
+                streams.fail_all(reason)
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    watcher = asyncio.create_task(watch_children())
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        await runner.cleanup()
+        await session.close()
+        intake.close()
+        if cache is not None:
+            cache.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_args(argv)
+    except ArgError as e:
+        fail(str(e))
+    configure_logging(args)
+    from transformers import AutoTokenizer
+
+    from .models.internvl.config import ConfigError, load_config, stop_token_ids
+    from .models.internvl.prompt import PromptError, SpecialIds
+
+    try:
+        cfg = load_config(args.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
+        special = SpecialIds.from_tokenizer(tokenizer)
+    except (ConfigError, PromptError, OSError, ValueError) as e:
+        fail(f"cannot load {args.model_dir}: {e}")
+    stop_ids = stop_token_ids(args.model_dir, tokenizer, cfg.llm.eos_token_ids)
+    cluster = new_cluster()
+    try:
+        ends = start_workers(args, cluster, cfg, special.img_context)
+    except StartupError as e:
+        cluster.shutdown()
+        fail(str(e))
+    except BaseException:
+        cluster.shutdown()
+        raise
+    try:
+        import uvloop
+
+        uvloop.run(serve_http(args, cluster, cfg, tokenizer, special, stop_ids, ends))
+    except OSError as e:  # e.g. the port is taken
+        fail(f"HTTP server: {e}")
+    finally:
+        cluster.shutdown()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Every server flag and environment variable, with defaults and checks, in one place.
+
+Flag names follow LightLLM so its users can switch without relearning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerArgs:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tp: int = 1
+    mem_fraction: float = 0.9
+    max_total_token_num: int | None = None
+    max_req_total_len: int | None = None
+    batch_max_tokens: int | None = None
+    running_max_req_size: int = 256
+    trust_remote_code: bool = False
+    enable_multimodal: bool = False
+    visual_infer_batch_size: int = 8
+    cache_capacity: int = 200
+    cache_max_bytes: int = 4 << 30
+    cache_wait_s: float = 10.0
+    visual_dp: int = 1
+    visual_tp: int = 1
+    data_type: str | None = None
+    device: str = "auto"
+    max_images_per_request: int = 16
+    max_image_bytes: int = 32 << 20
+    max_request_bytes: int = 256 << 20
+    image_fetch_timeout: float = 10.0
+    allowed_local_media_path: str | None = None
+    max_waiting_requests: int = 4096
+    log_level: str = "info"
+    # From the environment (LightLLM's names).
+    image_length: int | None = None  # INTERNVL_IMAGE_LENGTH
+    load_workers: int = 1  # LOADWORKER
+    max_patch_num: int | None = None  # MAX_PATCH_NUM
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ArgError(ValueError):
+    """A bad flag or environment value; the message names it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmserver.api_server",
+        description="Serve an InternVL checkpoint over HTTP (LightLLM-compatible /generate, OpenAI-compatible /v1).",
+        epilog="Environment: INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
+               "LOADWORKER (threads reading weight shards), MAX_PATCH_NUM (default tile cap per image).")
+    a = p.add_argument
+    a("--model_dir", required=True, help="checkpoint directory (original or transformers InternVL layout)")
+    a("--host", default="127.0.0.1", help="address to listen on")
+    a("--port", type=int, default=8000, help="HTTP port")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks of the language model")
+    a("--mem_fraction", type=float, default=0.9,
+      help="fraction of device memory the server may use; the KV pool gets what the weights leave")
+    a("--max_total_token_num", type=int, default=None, help="KV slots (tokens) in the pool; default: sized from memory")
+    a("--max_req_total_len", type=int, default=None,
+      help="max prompt + generated tokens of one request (default: min(16384, the model's max positions))")
+    a("--batch_max_tokens", type=int, default=None,
+      help="max prompt tokens prefilled in one step; longer prompts are prefilled in chunks (default 8192)")
+    a("--chunked_prefill_size", type=int, default=None, help="alias of --batch_max_tokens")
+    a("--running_max_req_size", type=int, default=256, help="max requests running at once")
+    a("--trust_remote_code", action="store_true", help="allow tokenizer code shipped with the checkpoint")
+    a("--enable_multimodal", action="store_true", help="accept images (runs the vision encoder)")
+    a("--visual_infer_batch_size", type=int, default=8, help="images per vision-encoder batch")
+    a("--cache_capacity", type=int, default=200, help="image embeddings kept in the shared-memory cache")
+    a("--cache_max_bytes", type=int, default=4 << 30, help="byte cap of the embedding cache")
+    a("--cache_wait_s", type=float, default=10.0,
+      help="how long a request waits for cache room (all records in use) before a 503")
+    a("--visual_dp", type=int, default=1, help="data-parallel vision-encoder groups")
+    a("--visual_tp", type=int, default=1, help="tensor-parallel ranks per vision-encoder group")
+    a("--data_type", choices=["float32", "float16", "bfloat16"], default=None,
+      help="compute dtype (default: the checkpoint's on GPU, float32 on CPU)")
+    a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the models run")
+    a("--max_images_per_request", type=int, default=16, help="more images than this is a 400")
+    a("--max_image_bytes", type=int, default=32 << 20, help="larger images are refused with 413")
+    a("--max_request_bytes", type=int, default=256 << 20, help="larger request bodies are refused with 413")
+    a("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
+    a("--allowed_local_media_path", default=None,
+      help="directory from which {'type': 'file'} images may be read (off by default)")
+    a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
+    a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _env_int(name: str, minimum: int = 1) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ArgError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ArgError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    ns = build_parser().parse_args(argv)
+    batch_max = ns.batch_max_tokens if ns.batch_max_tokens is not None else ns.chunked_prefill_size
+    args = ServerArgs(**{k: v for k, v in vars(ns).items() if k not in ("chunked_prefill_size", "batch_max_tokens")},
+                      batch_max_tokens=batch_max)
+    args.image_length = _env_int("INTERNVL_IMAGE_LENGTH")
+    args.load_workers = _env_int("LOADWORKER") or 1
+    args.max_patch_num = _env_int("MAX_PATCH_NUM")
+    check_args(args)
+    return args
+
+
+def check_args(a: ServerArgs) -> None:
+    if not Path(a.model_dir).is_dir():
+        raise ArgError(f"--model_dir {a.model_dir!r} is not a directory")
+    positive = {"--tp": a.tp, "--running_max_req_size": a.running_max_req_size,
+                "--visual_infer_batch_size": a.visual_infer_batch_size, "--cache_capacity": a.cache_capacity,
+                "--visual_dp": a.visual_dp, "--visual_tp": a.visual_tp, "--port": a.port,
+                "--max_images_per_request": a.max_images_per_request, "--max_image_bytes": a.max_image_bytes,
+                "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes}
+    for name, value in positive.items():
+        if value < 1:
+            raise ArgError(f"{name} must be >= 1, got {value}")
+    for name, value in {"--max_total_token_num": a.max_total_token_num, "--max_req_total_len": a.max_req_total_len,
+                        "--batch_max_tokens": a.batch_max_tokens}.items():
+        if value is not None and value < 1:
+            raise ArgError(f"{name} must be >= 1, got {value}")
+    if not 0.0 < a.mem_fraction <= 1.0:
+        raise ArgError(f"--mem_fraction must be in (0, 1], got {a.mem_fraction}")
+    if a.image_fetch_timeout <= 0 or a.cache_wait_s < 0:
+        raise ArgError("--image_fetch_timeout must be > 0 and --cache_wait_s >= 0")
+    if a.allowed_local_media_path is not None and not Path(a.allowed_local_media_path).is_dir():
+        raise ArgError(f"--allowed_local_media_path {a.allowed_local_media_path!r} is not a directory")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ArgError("--device cuda was given but no CUDA device is available")
+    if a.resolved_device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if a.tp > n:
+            raise ArgError(f"--tp {a.tp} needs {a.tp} GPUs, {n} visible")
+        if a.visual_dp * a.visual_tp > n:
+            raise ArgError(f"--visual_dp × --visual_tp = {a.visual_dp * a.visual_tp} exceeds the {n} visible GPUs")

@@ -1,0 +1,89 @@
+"""The cache as an rpyc service in its own process, and the client other processes use.
+
+Records (small) go over rpyc; embeddings and image bytes never do: they live in the
+shared-memory segments the records name.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import rpyc
+from rpyc.utils.server import ThreadedServer
+
+from .cache import CacheFull, EmbedCache
+
+_RPYC_CONFIG = {"allow_public_attrs": False, "sync_request_timeout": 30}
+
+
+class CacheService(rpyc.Service):
+    def __init__(self, cache: EmbedCache):
+        super().__init__()
+        self.cache = cache
+
+    def exposed_alloc(self, items):
+        try:
+            return ("ok", self.cache.alloc(tuple((str(k), int(n), int(b)) for k, n, b in items)))
+        except CacheFull as e:
+            return ("full", str(e))
+
+    def exposed_release(self, ids):
+        self.cache.release(tuple(int(i) for i in ids))
+
+    def exposed_mark_bytes(self, ids):
+        self.cache.mark_bytes(tuple(int(i) for i in ids))
+
+    def exposed_mark_embedding(self, ids):
+        self.cache.mark_embedding(tuple(int(i) for i in ids))
+
+    def exposed_stats(self):
+        return self.cache.stats()
+
+    def exposed_refcounts(self):
+        return self.cache.refcounts()
+
+
+def serve(cache: EmbedCache, socket_path: str, ready: threading.Event | None = None) -> ThreadedServer:
+    server = ThreadedServer(CacheService(cache), socket_path=socket_path, protocol_config=_RPYC_CONFIG)
+    return server
+
+
+class CacheClient:
+    """Thread-safe client: one rpyc connection guarded by a lock."""
+
+    def __init__(self, socket_path: str):
+        self._conn = rpyc.utils.factory.unix_connect(socket_path, config=_RPYC_CONFIG)
+        self._lock = threading.Lock()
+
+    def alloc(self, items: list[tuple[str, int, int]]) -> tuple[tuple[int, str, str, bool], ...] | None:
+        """None when the cache is full of records in use."""
+        with self._lock:
+            status, value = self._conn.root.alloc(tuple(tuple(i) for i in items))
+            return tuple(tuple(v) for v in value) if status == "ok" else None
+
+    def release(self, ids: list[int]) -> None:
+        if ids:
+            with self._lock:
+                self._conn.root.release(tuple(ids))
+
+    def mark_bytes(self, ids: list[int]) -> None:
+        with self._lock:
+            self._conn.root.mark_bytes(tuple(ids))
+
+    def mark_embedding(self, ids: list[int]) -> None:
+        with self._lock:
+            self._conn.root.mark_embedding(tuple(ids))
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {k: int(v) for k, v in self._conn.root.stats()}
+
+    def refcounts(self) -> dict[int, int]:
+        with self._lock:
+            return {int(k): int(v) for k, v in self._conn.root.refcounts()}
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except Exception:
+            pass

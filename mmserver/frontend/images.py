@@ -1,0 +1,105 @@
+"""Image intake for the HTTP server: bytes from base64, http(s) URLs or allowed local files,
+checked, hashed and measured without blocking the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from PIL import Image
+
+from .errors import BadRequest, TooLarge
+
+
+@dataclass
+class LoadedImage:
+    data: bytes  # the file bytes, as sent
+    md5: str
+    width: int
+    height: int
+
+
+def _decode_base64(data: str, index: int) -> bytes:
+    if data.startswith("data:"):  # tolerate data URLs in the base64 field
+        _, _, data = data.partition(",")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"image {index}: invalid base64 data ({e})") from None
+
+
+async def fetch_url(session: aiohttp.ClientSession, url: str, index: int, timeout: float, max_bytes: int) -> bytes:
+    if not url.startswith(("http://", "https://")):
+        raise BadRequest(f"image {index}: URL must be http(s), got {url[:64]!r}")
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                raise BadRequest(f"image {index}: fetching {url[:200]} returned HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > max_bytes:
+                raise TooLarge(f"image {index}: {resp.content_length} bytes exceeds the {max_bytes}-byte limit")
+            chunks, total = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise TooLarge(f"image {index}: more than the {max_bytes}-byte limit")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"image {index}: fetching {url[:200]} timed out after {timeout:g}s") from None
+    except aiohttp.ClientError as e:
+        raise BadRequest(f"image {index}: cannot fetch {url[:200]} ({type(e).__name__}: {e})") from None
+
+
+def read_local(path: str, index: int, allowed_dir: str | None, max_bytes: int) -> bytes:
+    if allowed_dir is None:
+        raise BadRequest(f"image {index}: local files are disabled (start with --allowed_local_media_path)")
+    root = Path(allowed_dir).resolve()
+    p = Path(path).resolve()
+    if root != p and root not in p.parents:
+        raise BadRequest(f"image {index}: {path!r} is outside the allowed directory")
+    if not p.is_file():
+        raise BadRequest(f"image {index}: no such file {path!r}")
+    if p.stat().st_size > max_bytes:
+        raise TooLarge(f"image {index}: {p.stat().st_size} bytes exceeds the {max_bytes}-byte limit")
+    return p.read_bytes()
+
+
+def inspect(data: bytes, index: int) -> LoadedImage:
+    """Decode fully (so a truncated file fails here, with a 400) and hash. Runs in a thread."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"image {index}: too many pixels ({e})") from None
+    except Exception as e:
+        raise BadRequest(f"image {index}: cannot decode as an image ({type(e).__name__}: {e})") from None
+    if width < 1 or height < 1:
+        raise BadRequest(f"image {index}: empty image")
+    return LoadedImage(data, hashlib.md5(data).hexdigest(), width, height)
+
+
+async def load(spec_type: str, data: str, index: int, *, session: aiohttp.ClientSession, timeout: float,
+               max_bytes: int, allowed_dir: str | None) -> bytes:
+    if spec_type == "base64":
+        raw = _decode_base64(data, index)
+    elif spec_type == "url":
+        if data.startswith("data:"):
+            raw = _decode_base64(data, index)
+        else:
+            raw = await fetch_url(session, data, index, timeout, max_bytes)
+    elif spec_type == "file":
+        raw = await asyncio.to_thread(read_local, data, index, allowed_dir, max_bytes)
+    else:
+        raise BadRequest(f"image {index}: type {spec_type!r} is not supported here")
+    if len(raw) > max_bytes:
+        raise TooLarge(f"image {index}: {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    if not raw:
+        raise BadRequest(f"image {index}: empty data")
+    return raw

@@ -1,0 +1,135 @@
+"""Request intake: images → bytes, md5 and tile counts; prompt → token ids with the image
+placeholders expanded; then cache references and shared-memory image bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import aiohttp
+
+from ..embed_cache import shm
+from ..embed_cache.service import CacheClient
+from ..models.internvl.config import InternVLConfig
+from ..models.internvl.preprocess import num_tiles
+from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids
+from ..router.messages import ImageRef
+from . import images as image_io
+from .errors import BadRequest, Overloaded
+
+
+@dataclass
+class IntakeLimits:
+    max_image_bytes: int
+    fetch_timeout: float
+    allowed_local_dir: str | None
+    max_req_len: int
+    cache_wait_s: float
+
+
+@dataclass
+class PreparedImage:
+    loaded: image_io.LoadedImage
+    tiles: int
+    max_patch: int
+
+    @property
+    def cache_key(self) -> str:
+        # Everything that changes the embedding: the bytes and the tiling parameters.
+        return f"{self.loaded.md5}:max{self.max_patch}"
+
+
+class Intake:
+    def __init__(self, cfg: InternVLConfig, tokenizer, special: SpecialIds, tokens_per_tile: int,
+                 limits: IntakeLimits, cache: CacheClient | None, session: aiohttp.ClientSession):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.special = special
+        self.tokens_per_tile = tokens_per_tile
+        self.limits = limits
+        self.cache = cache
+        self.session = session
+        env_cap = os.environ.get("MAX_PATCH_NUM")
+        self.default_cap = int(env_cap) if env_cap else cfg.max_dynamic_patch
+        self._decode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-decode")
+        self._cache_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-client")
+
+    async def load_images(self, specs: Sequence, request_cap: int) -> list[PreparedImage]:
+        l = self.limits
+
+        async def one(i: int, spec) -> PreparedImage:
+            raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
+                                      max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
+            cap = spec.max_patch or (request_cap if request_cap > 0 else self.default_cap)
+            tiles = num_tiles(loaded.width, loaded.height, max_num=cap, min_num=self.cfg.min_dynamic_patch,
+                              use_thumbnail=self.cfg.use_thumbnail)
+            return PreparedImage(loaded, tiles, cap)
+
+        return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
+
+    def tokenize(self, prompt: str, images: list[PreparedImage]) -> list[int]:
+        try:
+            return build_input_ids(self.tokenizer, prompt, [im.tiles for im in images], self.tokens_per_tile,
+                                   self.special)
+        except PromptError as e:
+            raise BadRequest(str(e)) from None
+
+    def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        total = n_prompt + max_new_tokens
+        if total > self.limits.max_req_len:
+            raise BadRequest(f"prompt ({n_prompt} tokens, images included) + max_new_tokens ({max_new_tokens}) "
+                             f"= {total} exceeds max_req_total_len {self.limits.max_req_len}")
+
+    async def take_cache_refs(self, images: list[PreparedImage]) -> list[ImageRef]:
+        """Reference a cache record per image (waiting a bounded time for room), and put the
+        bytes of images the cache lacks into shared memory for the ViT."""
+        if not images:
+            return []
+        loop = asyncio.get_running_loop()
+        items = [(im.cache_key, im.tiles * self.tokens_per_tile, len(im.loaded.data)) for im in images]
+        deadline = loop.time() + self.limits.cache_wait_s
+        while True:
+            got = await loop.run_in_executor(self._cache_pool, self.cache.alloc, items)
+            if got is not None:
+                break
+            if loop.time() >= deadline:
+                raise Overloaded(f"image-embedding cache is full of images in use; retried for "
+                                 f"{self.limits.cache_wait_s:g}s")
+            await asyncio.sleep(0.05)
+        refs = [ImageRef(rid, emb, img, n_tok, len(im.loaded.data), not has_emb, im.max_patch)
+                for (rid, emb, img, has_emb), im, (_, n_tok, _) in zip(got, images, items)]
+        try:
+            await loop.run_in_executor(self._decode_pool, _write_image_bytes, refs, images)
+        except BaseException:
+            await self.release(refs)
+            raise
+        return refs
+
+    async def release(self, refs: list[ImageRef]) -> None:
+        if refs:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._cache_pool, self.cache.release, [r.record_id for r in refs])
+
+    async def cache_call(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cache_pool, fn, *args)
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._cache_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _write_image_bytes(refs: list[ImageRef], images: list[PreparedImage]) -> None:
+    for ref, im in zip(refs, images):
+        if not ref.needs_vit:
+            continue
+        seg = shm.attach(ref.img_name)
+        try:
+            seg.buf[:ref.img_bytes] = im.loaded.data
+        finally:
+            seg.close()

@@ -1,0 +1,138 @@
+"""The /generate request schema (LightLLM's), parsed strictly into typed values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.sampling import SamplingParams
+from ..frontend.errors import BadRequest
+
+# parameter name → (type(s), default)
+_PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "max_new_tokens": ((int,), 16),
+    "do_sample": ((bool,), False),
+    "temperature": ((int, float), 1.0),
+    "top_p": ((int, float), 1.0),
+    "top_k": ((int,), -1),
+    "repetition_penalty": ((int, float), 1.0),
+    "presence_penalty": ((int, float), 0.0),
+    "frequency_penalty": ((int, float), 0.0),
+    "ignore_eos": ((bool,), False),
+    "min_new_tokens": ((int,), 1),
+    "stop_sequences": ((list, str, type(None)), None),
+    "seed": ((int, type(None)), None),
+    "image_max_patch_num": ((int,), -1),
+    "return_details": ((bool,), False),
+    "skip_special_tokens": ((bool,), True),
+    # Accepted for LightLLM/TGI compatibility; only the value 1 makes sense here.
+    "best_of": ((int,), 1),
+    "n": ((int,), 1),
+}
+
+IMAGE_TYPES = ("base64", "url", "file", "embeds")
+
+
+@dataclass
+class ImageSpec:
+    type: str
+    data: str
+    max_patch: int | None = None  # per-image tile cap (OpenAI `max_dynamic_patch`)
+
+
+@dataclass
+class GenerateRequest:
+    inputs: str
+    params: SamplingParams
+    images: list[ImageSpec] = field(default_factory=list)
+    image_max_patch_num: int = -1
+    return_details: bool = False
+    skip_special_tokens: bool = True
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "integer", float: "number", bool: "boolean", list: "list of strings", str: "string",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def parse_parameters(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadRequest("'parameters' must be an object")
+    unknown = sorted(set(raw) - set(_PARAMS))
+    if unknown:
+        raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
+    out = {}
+    for name, (types, default) in _PARAMS.items():
+        value = raw.get(name, default)
+        # bool is an int subclass: refuse true/false where a number is expected, and vice versa.
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            raise BadRequest(f"parameter '{name}' must be a {_type_name(types)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"parameter '{name}' must be finite, got {value!r}")
+        out[name] = value
+    for name in ("best_of", "n"):
+        if out[name] != 1:
+            raise BadRequest(f"parameter '{name}' must be 1, got {out[name]}")
+    stops = out["stop_sequences"]
+    out["stop_sequences"] = [stops] if isinstance(stops, str) else list(stops or [])
+    if not all(isinstance(s, str) for s in out["stop_sequences"]):
+        raise BadRequest("parameter 'stop_sequences' must be a list of strings")
+    if out["image_max_patch_num"] == 0 or out["image_max_patch_num"] < -1:
+        raise BadRequest(f"parameter 'image_max_patch_num' must be -1 (model default) or >= 1, "
+                         f"got {out['image_max_patch_num']}")
+    return out
+
+
+def sampling_params(p: dict[str, Any], stop_token_ids: list[int]) -> SamplingParams:
+    params = SamplingParams(
+        max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], temperature=float(p["temperature"]),
+        top_p=float(p["top_p"]), top_k=p["top_k"], repetition_penalty=float(p["repetition_penalty"]),
+        presence_penalty=float(p["presence_penalty"]), frequency_penalty=float(p["frequency_penalty"]),
+        ignore_eos=p["ignore_eos"], min_new_tokens=p["min_new_tokens"], stop_sequences=p["stop_sequences"],
+        seed=p["seed"], stop_token_ids=list(stop_token_ids), logprobs=True)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise BadRequest(f"parameter {e}") from None
+    return params
+
+
+def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
+    if mm is None:
+        return []
+    if not isinstance(mm, dict):
+        raise BadRequest("'multimodal_params' must be an object")
+    images = mm.get("images", [])
+    if not isinstance(images, list):
+        raise BadRequest("'multimodal_params.images' must be a list")
+    if len(images) > limit:
+        raise BadRequest(f"{len(images)} images given; at most {limit} are allowed per request")
+    out = []
+    for i, item in enumerate(images):
+        if not isinstance(item, dict) or not isinstance(item.get("data"), str):
+            raise BadRequest(f"multimodal_params.images[{i}] must be an object with a string 'data'")
+        kind = item.get("type", "base64")
+        if kind not in IMAGE_TYPES:
+            raise BadRequest(f"multimodal_params.images[{i}].type {kind!r} is not one of {', '.join(IMAGE_TYPES)}")
+        out.append(ImageSpec(kind, item["data"]))
+    return out
+
+
+def parse_generate(body: Any, stop_token_ids: list[int], max_images: int) -> GenerateRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    inputs = body.get("inputs")
+    if inputs is None:
+        raise BadRequest("missing 'inputs'")
+    if not isinstance(inputs, str):
+        raise BadRequest("'inputs' must be a string")
+    p = parse_parameters(body.get("parameters"))
+    return GenerateRequest(inputs=inputs, params=sampling_params(p, stop_token_ids),
+                           images=parse_images(body.get("multimodal_params"), max_images),
+                           image_max_patch_num=p["image_max_patch_num"], return_details=p["return_details"],
+                           skip_special_tokens=p["skip_special_tokens"])

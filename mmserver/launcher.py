@@ -1,0 +1,132 @@
+"""Start order, readiness, shutdown and cleanup of the server's processes (DESIGN §1).
+
+embed cache → visual server (ViT) → router (+ model worker) → HTTP in this process.
+Each child reports ready or its error; any failure at start-up stops everything and
+exits non-zero with the cause. Children die with the parent (PR_SET_PDEATHSIG), and
+shutdown unlinks every shared-memory segment carrying this server's prefix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from .args import ServerArgs
+from .embed_cache import shm
+
+log = logging.getLogger("mmserver.launcher")
+
+START_TIMEOUT_S = float(os.environ.get("MMSERVER_START_TIMEOUT", "900"))
+_CTX = mp.get_context("spawn")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent process dies, so no worker outlives the server."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _child_entry(name: str, target: Callable, kwargs: dict, status: Connection, log_level: str,
+                 parent_pid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    try:
+        target(ready=lambda info=None: status.send(("ready", info)), **kwargs)
+    except BaseException:
+        try:
+            status.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+@dataclass
+class Cluster:
+    """The processes of one server and the resources to clean up after them."""
+
+    prefix: str
+    workdir: str
+    procs: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, name: str, target: Callable, log_level: str, **kwargs) -> Any:
+        recv, send = _CTX.Pipe(duplex=False)
+        p = _CTX.Process(target=_child_entry, name=f"mmserver-{name}",
+                         args=(name, target, kwargs, send, log_level, os.getpid()), daemon=False)
+        p.start()
+        send.close()
+        self.procs[name] = p
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if recv.poll(0.2):
+                try:
+                    kind, info = recv.recv()
+                except EOFError:
+                    raise StartupError(f"{name} exited during start-up (exit code {p.exitcode})") from None
+                if kind == "error":
+                    raise StartupError(f"{name} failed to start:\n{info}")
+                return info
+            if not p.is_alive():
+                raise StartupError(f"{name} exited during start-up (exit code {p.exitcode})")
+            if time.monotonic() > deadline:
+                raise StartupError(f"{name} did not become ready within {START_TIMEOUT_S:g}s")
+
+    def dead(self) -> str | None:
+        for name, p in self.procs.items():
+            if not p.is_alive():
+                return f"{name} process exited (code {p.exitcode})"
+        return None
+
+    def shutdown(self) -> None:
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.procs.clear()
+        shm.sweep(self.prefix)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def new_cluster() -> Cluster:
+    prefix = f"mms{os.getpid()}{secrets.token_hex(3)}-"
+    return Cluster(prefix=prefix, workdir=tempfile.mkdtemp(prefix="mmserver-"))
+
+
+def pipe() -> tuple[Connection, Connection]:
+    """(receiving end, sending end)."""
+    return _CTX.Pipe(duplex=False)
+
+
+def fail(message: str) -> None:
+    print(f"mmserver: start-up failed: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def configure_logging(args: ServerArgs) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s http %(levelname)s %(message)s")

@@ -1,0 +1,37 @@
+"""Messages between the server's processes: ids, lengths and flags only, never tensors.
+
+HTTP → visual:   ("req", ServeRequest)
+HTTP → router:   ("req", ServeRequest) | ("abort", req_id)
+visual → router: ("req", ServeRequest)
+visual → HTTP:   ("fail", req_id, message) | ("stats", dict)
+router → HTTP:   ("out", [TokenOut, ...]) | ("stats", dict)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..engine.sampling import SamplingParams
+
+
+@dataclass
+class ImageRef:
+    record_id: int
+    emb_name: str  # shared-memory segment holding [n_tokens, hidden] embeddings
+    img_name: str  # segment holding the image file bytes (until the embedding exists)
+    n_tokens: int
+    img_bytes: int
+    needs_vit: bool
+    max_patch: int  # tile cap used for this image (part of the cache key)
+
+
+@dataclass
+class ServeRequest:
+    req_id: int
+    input_ids: list[int]
+    params: SamplingParams
+    images: list[ImageRef] = field(default_factory=list)
+
+
+# (req_id, token_id, logprob, finished, finish_reason); finish_reason "error:<message>" on failure
+TokenOut = tuple[int, int, float, bool, "str | None"]

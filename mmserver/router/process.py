@@ -1,0 +1,125 @@
+"""The router process: request queue, admission and continuous batching around the engine.
+
+With --tp 1 the model worker lives here. Inputs arrive from the HTTP server (text-only
+and fully cached requests, aborts) and from the visual server (requests whose images were
+just encoded); every step's new tokens go back to the HTTP server in one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from ..args import ServerArgs
+from ..embed_cache import shm
+from ..engine.engine import Engine, EngineConfig, RequestError
+from .messages import ServeRequest, TokenOut
+from .sizing import engine_config_for
+
+log = logging.getLogger("mmserver.router")
+
+STATS_INTERVAL_S = 0.2
+MAX_REMEMBERED_ABORTS = 10000
+
+
+class Router:
+    def __init__(self, engine: Engine, out_conn: Connection, hidden: int, dtype: torch.dtype):
+        self.engine = engine
+        self.out = out_conn
+        self.hidden = hidden
+        self.dtype = dtype
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.aborted: set[int] = set()
+
+    def handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "req":
+            self._add(msg[1])
+        elif kind == "abort":
+            if msg[1] in self.engine.requests:
+                self.engine.abort(msg[1])
+            elif len(self.aborted) < MAX_REMEMBERED_ABORTS:
+                self.aborted.add(msg[1])  # still on its way through the visual server
+        elif kind == "fail":  # the visual server could not encode an image
+            self.out.send(("out", [(msg[1], -1, 0.0, True, f"error:{msg[2]}")]))
+
+    def _add(self, req: ServeRequest) -> None:
+        if req.req_id in self.aborted:
+            self.aborted.discard(req.req_id)
+            return
+        try:
+            embeds = self._read_embeddings(req)
+            self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, req_id=req.req_id)
+            self.prompt_tokens += len(req.input_ids)
+        except (RequestError, ValueError, FileNotFoundError) as e:
+            self.out.send(("out", [(req.req_id, -1, 0.0, True, f"error:{e}")]))
+
+    def _read_embeddings(self, req: ServeRequest) -> torch.Tensor | None:
+        if not req.images:
+            return None
+        parts = []
+        for ref in req.images:
+            seg = shm.attach(ref.emb_name)
+            try:
+                parts.append(shm.tensor_view(seg, (ref.n_tokens, self.hidden), self.dtype).clone())
+            finally:
+                seg.close()
+        return torch.cat(parts)
+
+    def step(self) -> None:
+        outs = self.engine.step()
+        if outs:
+            self.steps += 1
+            self.generated_tokens += len(outs)
+            batch: list[TokenOut] = [(o.req_id, o.token_id, o.logprob, o.finished, o.finish_reason) for o in outs]
+            self.out.send(("out", batch))
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"kv_used": e.kv.used, "kv_total": e.kv.num_slots, "waiting": len(e.waiting),
+                "running": len(e.running), "steps": self.steps, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens}
+
+
+def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
+               image_token_id: int) -> None:
+    """Process entry: load the LLM, size the KV pool, report ready, then loop forever."""
+    from ..models.internvl.config import load_config
+    from ..models.internvl.weights import load_weights
+    from ..models.llm.decoder import DecoderLM
+    from ..pipeline import resolve_dtype
+
+    device = args.resolved_device
+    cfg = load_config(args.model_dir)
+    dtype = resolve_dtype(args.data_type or "auto", device, cfg.torch_dtype)
+    weights = load_weights(args.model_dir, cfg, device=device, dtype=dtype, progress=False, components=("llm",))
+    llm = DecoderLM(cfg.llm, weights)
+    engine_cfg: EngineConfig = engine_config_for(args, llm)
+    engine = Engine(llm, engine_cfg, image_token_id=image_token_id)
+    router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
+    ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
+    serve_forever(router, [from_http, from_visual], to_http)
+
+
+def serve_forever(router: Router, inputs: list[Connection], to_http: Connection) -> None:
+    engine = router.engine
+    last_stats = 0.0
+    while True:
+        timeout = 0 if engine.has_work() else STATS_INTERVAL_S
+        for conn in wait(inputs, timeout):
+            while conn.poll():
+                try:
+                    router.handle(conn.recv())
+                except EOFError:  # the HTTP server is gone: nothing left to serve
+                    return
+        if engine.has_work():
+            router.step()
+        now = time.monotonic()
+        if now - last_stats >= STATS_INTERVAL_S:
+            to_http.send(("stats", router.stats()))
+            last_stats = now

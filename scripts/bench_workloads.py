@@ -1,0 +1,233 @@
+"""Workloads and result helpers shared by ``benchmark_serving.py`` and ``bench_hf.py``.
+
+Every request is a prompt in the InternVL2.5 chat format plus PNG file bytes. Images are
+synthesised in-process so the benchmark needs no data set and the same ``--seed`` always
+gives the same bytes:
+
+* content = per-image random smooth field (three-corner colour gradient + four random
+  low-frequency sinusoids per channel) + Gaussian "texture" noise on 4x4-pixel blocks
+  (sigma 6), with no per-pixel noise;
+* saved with ``compress_level=1`` (fast to encode; sizes ~230 KB at 448x448 and
+  ~0.8 MB at 1280x720, close to photo PNGs -- pure per-pixel noise would be ~600 KB at
+  448x448 and a flat gradient only a few KB, neither realistic).
+
+| name | image             | images                            | prompt text                       |
+|------|-------------------|-----------------------------------|-----------------------------------|
+| W1   | 448x448 (1 tile)  | one distinct image per request    | question padded to ~N words       |
+| W2   | 1280x720 (9 tiles)| one distinct image per request    | question padded to ~N words       |
+| W3   | 448x448 (1 tile)  | pool of 8, request i uses i % 8   | prior user/assistant turn + follow-up |
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_PLACEHOLDER = "<image>"
+QUESTION = "What is shown in this image? Please describe the picture in detail."
+FOLLOW_UP = "Thanks. Now tell me what colours dominate the picture and where they are."
+PRIOR_ANSWER = (
+    "The image shows a smooth colourful pattern with soft waves of light and shadow, "
+    "a gradient from one corner to the other and a fine grainy texture on top."
+)
+# Common English words, almost all single tokens in Qwen2 / InternLM2 vocabularies.
+FILLER_WORDS = (
+    "the image picture photo colour light shadow left right top bottom middle corner "
+    "small large bright dark soft sharp line shape object scene detail texture pattern "
+    "background foreground area part side edge centre view"
+).split()
+# Distinct seed streams so workloads / warmup never share images by accident.
+_WORKLOAD_TAGS = {"W1": 1, "W2": 2, "W3": 3}
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    description: str
+    image_size: tuple[int, int]  # (width, height)
+    image_pool: int | None  # None: a fresh image per request; k: k images reused round-robin
+    multi_turn: bool
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    "W1": WorkloadSpec("W1", "one distinct 448x448 image per request, short question", (448, 448), None, False),
+    "W2": WorkloadSpec("W2", "one distinct 1280x720 image per request (9 tiles)", (1280, 720), None, False),
+    "W3": WorkloadSpec("W3", "pool of 8 448x448 images reused (cache hits), multi-turn prompt",
+                       (448, 448), 8, True),
+}  # fmt: skip
+
+
+@dataclass
+class BenchRequest:
+    index: int
+    prompt: str  # full chat-formatted text with one IMAGE_PLACEHOLDER per image
+    images: list[bytes]  # PNG file bytes, in placeholder order
+    image_ids: list[int]  # ids of the generated images (equal ids = identical bytes)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ images
+
+
+def make_image(width: int, height: int, seed: int | Sequence[int]) -> np.ndarray:
+    """A smooth random RGB image with block texture; distinct seeds give distinct content."""
+    rng = np.random.default_rng(seed)
+    x = (np.arange(width, dtype=np.float32) / width)[None, :]
+    y = (np.arange(height, dtype=np.float32) / height)[:, None]
+    img = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        a, b, d = rng.uniform(0, 255, 3)
+        img[..., c] = a * (1 - x) + b * x * y + d * y * (1 - x)
+        for _ in range(4):
+            fx, fy = rng.uniform(0.5, 6.0, 2)
+            amp, phase = rng.uniform(10, 40), rng.uniform(0, 2 * np.pi)
+            # sin(u + v) = sin u cos v + cos u sin v: 1-D trig only, the 2-D part is products.
+            u, v = 2 * np.pi * fx * x + phase, 2 * np.pi * fy * y
+            img[..., c] += amp * (np.sin(u) * np.cos(v) + np.cos(u) * np.sin(v))
+    # Texture on 4x4 blocks: enough entropy for photo-like PNG sizes, unlike per-pixel noise.
+    block = rng.normal(0, 6.0, (height // 4 + 1, width // 4 + 1, 3)).astype(np.float32)
+    img += np.repeat(np.repeat(block, 4, 0), 4, 1)[:height, :width]
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) * (255.0 / max(hi - lo, 1e-6))
+    return img.astype(np.uint8)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def num_tiles(width: int, height: int, max_patches: int = 12, min_patches: int = 1, tile: int = 448) -> int:
+    """Tiles InternVL's dynamic preprocessing makes (incl. the thumbnail when > 1 block)."""
+    aspect = width / height
+    ratios = sorted(
+        {(i, j) for n in range(min_patches, max_patches + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+         if min_patches <= i * j <= max_patches},
+        key=lambda r: r[0] * r[1],
+    )  # fmt: skip
+    best, best_diff = (1, 1), float("inf")
+    for r in ratios:
+        diff = abs(aspect - r[0] / r[1])
+        if diff < best_diff:
+            best, best_diff = r, diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * r[0] * r[1]:
+            best = r
+    blocks = best[0] * best[1]
+    return blocks + (1 if blocks != 1 else 0)
+
+
+# ----------------------------------------------------------------------- prompts
+
+
+def chat_prompt(turns: Sequence[tuple[str, str | None]]) -> str:
+    """InternVL2.5 chat format (no system turn); the last turn's answer is left open."""
+    parts = []
+    for user, assistant in turns:
+        parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+        if assistant is not None:
+            parts.append(f"{assistant}<|im_end|>\n")
+    return "".join(parts)
+
+
+def padded_question(rng: np.random.Generator, words: int) -> str:
+    """QUESTION plus random filler words up to ``words`` words (~1 token each)."""
+    n_pad = max(0, words - len(QUESTION.split()))
+    pad = " ".join(rng.choice(FILLER_WORDS, n_pad)) if n_pad else ""
+    return f"{QUESTION} {pad}".strip()
+
+
+# --------------------------------------------------------------------- workloads
+
+
+def build_workload(
+    name: str, num_requests: int, seed: int = 0, prompt_tokens: int = 30, progress: bool = True
+) -> list[BenchRequest]:
+    """``num_requests`` requests of workload ``name``; deterministic in ``seed``."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    spec = WORKLOADS[name]
+    width, height = spec.image_size
+    tag = _WORKLOAD_TAGS[name]
+    ids = [i % spec.image_pool if spec.image_pool else i for i in range(num_requests)]
+    unique = sorted(set(ids))
+
+    def render(image_id: int) -> bytes:
+        return encode_png(make_image(width, height, (seed, tag, image_id)))
+
+    # numpy and zlib release the GIL, so threads give a real speed-up here.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        it: Iterable[bytes] = pool.map(render, unique)
+        if progress:
+            it = tqdm(it, total=len(unique), desc=f"{name} images", unit="img", file=sys.stderr)
+        pngs = dict(zip(unique, it))
+
+    requests = []
+    for i, image_id in enumerate(ids):
+        rng = np.random.default_rng((seed, tag, 1_000_000 + i))
+        question = padded_question(rng, prompt_tokens)
+        if spec.multi_turn:
+            prompt = chat_prompt([(f"{IMAGE_PLACEHOLDER}\n{question}", PRIOR_ANSWER), (FOLLOW_UP, None)])
+        else:
+            prompt = chat_prompt([(f"{IMAGE_PLACEHOLDER}\n{question}", None)])
+        requests.append(BenchRequest(i, prompt, [pngs[image_id]], [image_id], [(width, height)]))
+    return requests
+
+
+# ------------------------------------------------------------- results helpers
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+def scaled(x: float | None, factor: float) -> float | None:
+    return None if x is None or math.isnan(x) else x * factor
+
+
+def fmt(x: float | int | str | None, digits: int = 2) -> str:
+    """RESULT-line value: ``null`` for missing numbers so the line stays key=value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "null"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def result_line(fields: Sequence[tuple[str, object, int]]) -> str:
+    """``RESULT k=v ...`` from (key, value, decimals) triples."""
+    return "RESULT " + " ".join(f"{k}={fmt(v, d)}" for k, v, d in fields)  # type: ignore[arg-type]
+
+
+def parse_result_line(line: str) -> dict[str, str]:
+    if not line.startswith("RESULT "):
+        raise ValueError(f"not a RESULT line: {line!r}")
+    return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+
+def print_table(rows: Sequence[tuple[str, str]], title: str) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"==== {title} ====")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def run_info() -> dict[str, str]:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "client_host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
