@@ -14,6 +14,7 @@ from .launcher import Cluster, StartupError, configure_logging, fail, new_cluste
 log = logging.getLogger("mmserver")
 
 HEALTH_POLL_S = 0.25
+SHUTDOWN_GRACE_S = 3.0  # in-flight requests get this long to end after SIGTERM
 
 
 def _itemsize(args: ServerArgs, checkpoint_dtype: str) -> int:
@@ -95,7 +96,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
                      health=health, stats=stats)
     app = build_app(state, args.max_request_bytes)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -119,6 +120,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
         await stop.wait()
     finally:
         watcher.cancel()
+        streams.fail_all("server shutting down")
         await runner.cleanup()
         await session.close()
         intake.close()

@@ -98,11 +98,20 @@ def parse_event(line: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+async def drain(resp: aiohttp.ClientResponse, timeout_s: float = 5.0) -> None:
+    """Read what follows the finished event so the keep-alive connection goes back to the pool
+    (an unread body closes it); a server that keeps the stream open only costs the connection."""
+    try:
+        await asyncio.wait_for(resp.content.read(), timeout_s)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        pass
+
+
 async def send_request(session: aiohttp.ClientSession, url: str, index: int, body: bytes) -> RequestResult:
     res = RequestResult(index=index, ok=False)
     token_times: list[float] = []
     finished = False
-    start = time.perf_counter()
+    start = end = time.perf_counter()
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
             res.status = resp.status
@@ -123,13 +132,14 @@ async def send_request(session: aiohttp.ClientSession, url: str, index: int, bod
                     if isinstance(token, dict) and token.get("prompt_tokens") is not None:
                         res.prompt_tokens = token["prompt_tokens"]
                 if event.get("finished"):
-                    finished = True
+                    finished, end = True, time.perf_counter()
                     res.finish_reason = event.get("finish_reason")
                     break
+            if finished:
+                await drain(resp)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: bad JSON
         res.error, res.detail = type(exc).__name__, str(exc)[:200]
         return res
-    end = time.perf_counter()
     res.output_tokens = len(token_times)
     if not finished:
         res.error = "stream_unfinished"
@@ -208,6 +218,9 @@ def summarize(results: list[RequestResult], duration: float, output_len: int) ->
 
 
 def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestResult]) -> str:
+    def trio(prefix: str, digits: int, keys: tuple[str, ...] = ("mean", "p50", "p99")) -> str:
+        return " / ".join(bw.fmt(m[f"{prefix}_{k}_ms"], digits) for k in keys)
+
     rows = [
         ("workload", f"{args.workload} ({bw.WORKLOADS[args.workload].description})"),
         ("requests / completed / errors", f"{m['requests']} / {m['completed']} / {m['errors']}"),
@@ -218,9 +231,9 @@ def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestRes
         ("duration (s)", bw.fmt(m["duration_s"])),
         ("requests/s", bw.fmt(m["req_per_s"])),
         ("output tokens/s", bw.fmt(m["output_tok_per_s"], 1)),
-        ("TTFT mean / p50 / p99 (ms)", " / ".join(bw.fmt(m[k], 1) for k in ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms"))),
-        ("TPOT mean / p50 / p99 (ms)", " / ".join(bw.fmt(m[k], 2) for k in ("tpot_mean_ms", "tpot_p50_ms", "tpot_p99_ms"))),
-        ("latency p50 / p99 (ms)", " / ".join(bw.fmt(m[k], 1) for k in ("latency_p50_ms", "latency_p99_ms"))),
+        ("TTFT mean / p50 / p99 (ms)", trio("ttft", 1)),
+        ("TPOT mean / p50 / p99 (ms)", trio("tpot", 2)),
+        ("latency p50 / p99 (ms)", trio("latency", 1, ("p50", "p99"))),
     ]  # fmt: skip
     if m["errors"]:
         rows.append(("error kinds", ", ".join(f"{k}={v}" for k, v in sorted(m["error_kinds"].items()))))
@@ -282,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json is not None:
         sizes = sorted({s for r in requests for s in r.image_sizes})
+        pngs = [png for r in requests for png in r.images]
         config = {
             "url": url, "workload": args.workload, "num_requests": args.num_requests,
             "concurrency": args.concurrency, "output_len": args.output_len, "seed": args.seed,
             "prompt_tokens": args.prompt_tokens, "warmup": args.warmup,
             "image_sizes": [list(s) for s in sizes],
             "distinct_images": len({i for r in requests for i in r.image_ids}),
-            "mean_image_bytes": sum(len(b) for r in requests for b in r.images) / max(1, sum(len(r.images) for r in requests)),
+            "mean_image_bytes": sum(map(len, pngs)) / max(1, len(pngs)),
             "aiohttp": aiohttp.__version__, **bw.run_info(),
         }  # fmt: skip
         out = {"backend": "serving", "config": config, "metrics": metrics, "result_line": line,

@@ -11,6 +11,12 @@ Two on-disk layouts are supported:
 Weights are generated as one *canonical* set of tensors (named as in the
 original layout, each from its own seeded generator) and then renamed / split
 per layout, so the same seed gives numerically identical models in both.
+Matrices use std 1/sqrt(fan_in) (close to 0.02 at real widths) so every layer,
+the ViT's included, moves the logits of even the 64-wide tiny model; norms are
+~1, layer scales ~0.1, biases small noise, embeddings std 0.02.
+
+The tokenizer is a synthetic byte-level BPE with the real special-token ids,
+so prompts, image placeholders and stop tokens behave like the real ones.
 
 Example::
 
@@ -29,7 +35,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -281,7 +287,10 @@ _HF_RENAMES: list[tuple[str, str]] = [
     (r"^vision_model\.embeddings\.class_embedding$", "vision_tower.embeddings.cls_token"),
     (r"^vision_model\.embeddings\.patch_embedding\.", "vision_tower.embeddings.patch_embeddings.projection."),
     (r"^vision_model\.embeddings\.position_embedding$", "vision_tower.embeddings.position_embeddings"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"vision_tower.encoder.layer.\1.attention.projection_layer."),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.",
+        r"vision_tower.encoder.layer.\1.attention.projection_layer.",
+    ),
     (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"vision_tower.encoder.layer.\1.attention.\2."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"vision_tower.encoder.layer.\1.mlp."),
     (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"vision_tower.encoder.layer.\1.layernorm_before."),
@@ -413,7 +422,11 @@ def _safetensors_header(shard: list[OutTensor], dtype: torch.dtype) -> bytes:
     offset = 0
     for t in shard:
         size = _nbytes(t.shape, dtype)
-        header[t.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[t.name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
@@ -549,7 +562,8 @@ def original_config(v: VitDims, t: LlmDims, dtype: str, max_dynamic_patch: int) 
 
 def _hf_text_config(t: LlmDims, dtype: str) -> dict:
     if t.kind == "qwen2":
-        return {"model_type": "qwen2", **_llm_dim_keys(t), "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": dtype}
+        ids = {"bos_token_id": 151643, "eos_token_id": 151645}
+        return {"model_type": "qwen2", **_llm_dim_keys(t), **ids, "torch_dtype": dtype}
     # InternLM2 is architecturally Llama once wqkv is split.
     return {
         "model_type": "llama",
@@ -632,7 +646,9 @@ QWEN2_SPECIALS = [
     "<|repo_name|>", "<|file_sep|>",
 ]  # fmt: skip
 INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-INTERNLM2_SPECIALS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
+INTERNLM2_SPECIALS = [
+    "<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>",
+]  # fmt: skip
 
 # Small English sample the merges are learned from (deterministically).
 MERGE_CORPUS = """
@@ -665,7 +681,7 @@ def special_tokens(kind: str) -> dict[str, int]:
 
 def _byte_symbols() -> list[str]:
     """GPT-2's printable stand-in for each byte value 0..255 (index = byte)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping: dict[int, str] = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -707,7 +723,7 @@ def learn_merges(corpus: str, max_merges: int = 300) -> list[tuple[str, str]]:
     return merges
 
 
-def _filler_tokens(symbols: list[str]):
+def _filler_tokens(symbols: list[str]) -> Iterator[str]:
     """Unique byte-level strings: all byte pairs, then byte triples."""
     for a in symbols:
         for b in symbols:
@@ -791,8 +807,10 @@ def _special_roles(kind: str) -> dict[str, str | None]:
 
 def tokenizer_config(kind: str) -> dict:
     decoder = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-        for t, i in sorted(special_tokens(kind).items(), key=lambda kv: kv[1])
+        str(i): {
+            "content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True
+        }
+        for tok, i in sorted(special_tokens(kind).items(), key=lambda kv: kv[1])
     }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",

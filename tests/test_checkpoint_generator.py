@@ -435,7 +435,9 @@ def test_real_size_param_counts(size, llm):
     assert total == REAL_PARAMS[(size, llm)]
 
 
-@pytest.mark.parametrize(("size", "llm", "vit"), [("1b", "qwen2", "300m"), ("8b", "internlm2", "300m"), ("2b", "qwen2", "6b")])
+@pytest.mark.parametrize(
+    ("size", "llm", "vit"), [("1b", "qwen2", "300m"), ("8b", "internlm2", "300m"), ("2b", "qwen2", "6b")]
+)
 def test_real_size_hf_shapes_match_transformers(tmp_path, size, llm, vit):
     """Big configs instantiate on the meta device with exactly our names and shapes."""
     from transformers import AutoConfig, InternVLForConditionalGeneration

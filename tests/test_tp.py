@@ -2,7 +2,8 @@
 
 Each spawned rank loads its shard, runs the ViT on some tiles and an identical Engine on
 identical requests (scheduling is deterministic and greedy sampling needs no RNG), and rank
-0 saves what it got; the parent compares with the unsharded model.
+0 saves what it got; the parent compares with the unsharded model. One more phase drives the
+ranks as the server does: only rank 0 has an Engine and the others follow its batches.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmserver.pipeline import Pipeline
 from mmserver.engine.engine import Engine, EngineConfig
+from mmserver.engine.kv_pool import KVPool, TokenTable
 from mmserver.engine.sampling import SamplingParams
-from mmserver.engine.tp import (init_tp, destroy_tp, local_kv_heads, shard_llm_weights, shard_vision_weights,
-                                shard_weights)
+from mmserver.engine.tp import (TPGroup, TPLeader, destroy_tp, follow, init_tp, local_kv_heads,
+                                shard_llm_weights, shard_vision_weights, shard_weights)
 from mmserver.models.internvl.config import LLMConfig, load_config
-from mmserver.models.internvl.model import InternVLModel
+from mmserver.models.internvl.model import InternVLModel, load_sharded_weights
 from mmserver.models.internvl.preprocess import preprocess_image
 from mmserver.models.internvl.weights import load_weights
 
@@ -28,35 +31,69 @@ from conftest import random_image
 N_NEW = 5
 
 
-def _run_job(model: InternVLModel, job: dict) -> dict:
-    """ViT features of job["tiles"], then greedy tokens of job["requests"] run together in one Engine."""
-    feats = model.vision.encode(job["tiles"])
+def _engine_config() -> EngineConfig:
     # A small prefill budget mixes prefill chunks and decode tokens in the same batches.
-    eng = Engine(model.llm, EngineConfig(max_total_tokens=2048, max_req_len=1024, batch_max_tokens=160),
-                 job["image_token_id"], encode_images=model.vision.encode)
-    rids = [eng.add_request(ids, SamplingParams(max_new_tokens=N_NEW, ignore_eos=True), pixel_values=px or None)
-            for ids, px in job["requests"]]
+    return EngineConfig(max_total_tokens=2048, max_req_len=1024, batch_max_tokens=160)
+
+
+def _generate(eng: Engine, requests: list[dict]) -> list[list[int]]:
+    rids = [eng.add_request(params=SamplingParams(max_new_tokens=N_NEW, ignore_eos=True), **r) for r in requests]
     tokens: dict[int, list[int]] = {r: [] for r in rids}
     while eng.has_work():
         for o in eng.step():
             tokens[o.req_id].append(o.token_id)
-    return {"feats": feats, "tokens": [tokens[r] for r in rids]}
+    return [tokens[r] for r in rids]
 
 
-def _worker(rank: int, size: int, init_file: str, jobs: list[dict], out: str) -> None:
-    torch.set_num_threads(1)  # ranks share the machine's cores
-    tp = init_tp(rank, size, f"file://{init_file}", backend="gloo")
+def _run_job(model: InternVLModel, job: dict) -> dict:
+    """ViT features of job["tiles"], then greedy tokens of job["requests"] run together in one Engine."""
+    feats = model.vision.encode(job["tiles"])
+    eng = Engine(model.llm, _engine_config(), job["image_token_id"], encode_images=model.vision.encode)
+    requests = [{"prompt_ids": ids, "pixel_values": px or None} for ids, px in job["requests"]]
+    return {"feats": feats, "tokens": _generate(eng, requests)}
+
+
+def _run_leader_follower(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
+    """As the server: rank 0 runs the Engine (image rows given, as from the visual server) and sends
+    each batch; the other ranks only `follow`."""
+    cfg = _engine_config()
+    if tp.rank > 0:
+        kv = KVPool(model.llm.kv_shape(cfg.max_total_tokens), model.dtype, model.device)
+        table = TokenTable(cfg.max_requests, cfg.max_req_len, model.device)
+        return {"steps": follow(model.llm, kv.buffer, table.table, tp)}
+    leader = TPLeader(model.llm, tp)
+    requests = [{"prompt_ids": ids, "image_embeds": emb} for (ids, _), emb in zip(job["requests"], job["embeds"])]
     try:
-        results = [_run_job(InternVLModel.load(job["ckpt"], progress=False, tp=tp), job) for job in jobs]
+        return {"tokens": _generate(Engine(leader, cfg, job["image_token_id"]), requests)}
+    finally:
+        leader.stop()
+
+
+def _worker(rank: int, world: int, init_file: str, phases: list[tuple[int, str, list[dict]]], out: str) -> None:
+    """Run each (tp size, mode, jobs) phase on ranks 0..size-1 (a subgroup); rank 0 saves the results."""
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    tp = init_tp(rank, world, f"file://{init_file}", backend="gloo")
+    # Every rank creates every subgroup, in the same order (a torch.distributed rule).
+    groups = {size: dist.new_group(list(range(size))) if size < world else tp.group for size, _, _ in phases}
+    run = {"replicated": lambda model, job, sub: _run_job(model, job), "leader": _run_leader_follower}
+    results = []
+    try:
+        for size, mode, jobs in phases:
+            if rank < size:  # the other ranks wait in their next phase's first collective
+                sub = TPGroup(rank, size, groups[size])
+                results.append([run[mode](InternVLModel.load(job["ckpt"], progress=False, tp=sub), job, sub)
+                                for job in jobs])
         if rank == 0:
             torch.save(results, out)
     finally:
         destroy_tp(tp)
 
 
-def _spawn(size: int, tmp_path: Path, jobs: list[dict]) -> list[dict]:
-    out = tmp_path / f"tp{size}.pt"
-    mp.spawn(_worker, args=(size, str(tmp_path / f"tp{size}_init"), jobs, str(out)), nprocs=size, join=True)
+def _spawn(world: int, tmp_path: Path, phases: list[tuple[int, str, list[dict]]]) -> list[list[dict]]:
+    """One process per rank (spawned, as the server does); starting processes is most of the cost,
+    so one spawn runs every phase."""
+    out = tmp_path / "results.pt"
+    mp.spawn(_worker, args=(world, str(tmp_path / "tp_init"), phases, str(out)), nprocs=world, join=True)
     return torch.load(out)
 
 
@@ -67,8 +104,9 @@ def _job(ckpt: Path, seed: int) -> tuple[dict, dict]:
     requests = [pipe.prepare("<image>\nWhat is in the picture?", [image], 2),
                 pipe.prepare("A text-only question.", []),
                 pipe.prepare("<image>\nAnd this one?", [random_image(448, 448, seed + 1)], 1)]
+    embeds = [pipe.model.vision.encode(torch.cat(px)).flatten(0, 1) if px else None for _, px in requests]
     job = {"ckpt": str(ckpt), "tiles": preprocess_image(image, max_num=2), "requests": requests,
-           "image_token_id": pipe.special.img_context}
+           "image_token_id": pipe.special.img_context, "embeds": embeds}
     return job, _run_job(pipe.model, job)
 
 
@@ -87,20 +125,22 @@ def _check(got: dict, expected: dict) -> None:
     assert all(len(t) == N_NEW for t in got["tokens"])
 
 
-def test_tp2_matches_single_process(jobs, tmp_path):
-    """qwen2 (4 q / 2 kv heads), the 6B-style ViT (q/k RMSNorm over the full width) and InternLM2."""
+def test_tp_matches_single_process(jobs, tmp_path):
+    """tp=2: qwen2 (4 q / 2 kv heads), the 6B-style ViT (q/k RMSNorm over the full width), InternLM2;
+    tp=2 driven as the server would (rank 0's Engine, rank 1 following its batches);
+    tp=4 with 2 KV heads: ranks 0, 1 both hold KV head 0 and ranks 2, 3 KV head 1."""
     names = list(jobs)
-    results = _spawn(2, tmp_path, [jobs[n][0] for n in names])
-    for name, got in zip(names, results):
-        _check(got, jobs[name][1])
-
-
-def test_tp4_replicates_kv_heads(jobs, tmp_path):
-    """tp=4 with 2 KV heads: ranks 0, 1 both hold KV head 0 and ranks 2, 3 KV head 1."""
     job, expected = jobs["qwen2"]
-    # a smaller job keeps 4 ranks on 2 cores quick: one tile, the text and the one-tile request
-    job = {**job, "tiles": job["tiles"][:1], "requests": job["requests"][1:]}
-    _check(_spawn(4, tmp_path, [job])[0], {"feats": expected["feats"][:1], "tokens": expected["tokens"][1:]})
+    # a smaller tp=4 job keeps 4 ranks on 2 cores quick: one tile, the text and the one-tile request
+    tp4_job = {**job, "tiles": job["tiles"][:1], "requests": job["requests"][1:], "embeds": job["embeds"][1:]}
+    tp4_expected = {"feats": expected["feats"][:1], "tokens": expected["tokens"][1:]}
+    tp2, leader, tp4 = _spawn(4, tmp_path, [(2, "replicated", [jobs[n][0] for n in names]),
+                                            (2, "leader", [jobs["internlm2"][0]]),
+                                            (4, "replicated", [tp4_job])])
+    for name, got in zip(names, tp2):
+        _check(got, jobs[name][1])
+    assert leader[0]["tokens"] == jobs["internlm2"][1]["tokens"]
+    _check(tp4[0], tp4_expected)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,3 +239,15 @@ def test_vision_shard_shapes(checkpoints, vit):
     assert both[p + "fc1.weight"].shape == (il, c)
     assert both["llm.layers.0.o.weight"].shape[1] == cfg.llm.num_heads // 2 * cfg.llm.head_dim
     assert all(t is w[k] for k, t in shard_weights(w, cfg, 0, 1).items())
+
+
+def test_load_sharded_components(checkpoints):
+    """The router / visual processes load one component each; sharding needs no process group."""
+    ckpt = checkpoints("original", "qwen2")
+    cfg = load_config(ckpt)
+    w = load_sharded_weights(ckpt, cfg, tp=TPGroup(1, 2, None), components=("llm",), progress=False)
+    assert not any(k.startswith(("vit.", "mlp1.")) for k in w)
+    assert w["llm.layers.0.qkv.weight"].shape[0] == (cfg.llm.num_heads + 2 * cfg.llm.num_kv_heads) // 2 * cfg.llm.head_dim
+    w = load_sharded_weights(ckpt, cfg, tp=TPGroup(1, 2, None), components=("vision",), progress=False)
+    assert not any(k.startswith("llm.") for k in w)
+    assert w["vit.layers.0.fc1.weight"].shape[0] == cfg.vision.intermediate_size // 2

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..models.internvl.config import InternVLConfig, LLMConfig
+
+if TYPE_CHECKING:  # the decoder imports this module
+    from ..models.llm.decoder import DecoderLM, ForwardBatch
 
 
 @dataclass
@@ -187,3 +191,94 @@ def shard_weights(weights: dict[str, torch.Tensor], cfg: InternVLConfig, rank: i
                   size: int) -> dict[str, torch.Tensor]:
     """Both halves of the model: the one sharding entry point the loader uses."""
     return shard_vision_weights(shard_llm_weights(weights, cfg.llm, rank, size), cfg, rank, size)
+
+
+# ---------------------------------------------------------------------------------------
+# Driving tp > 1 ranks from one Engine
+#
+# Rank 0 runs the Engine (scheduling, KV slot allocation, sampling); the other ranks run only
+# the forward. Everything a follower needs per step is in the ForwardBatch: its token-table
+# writes are (req_rows, positions) → slots, and its KV writes go to batch.slots, so its KV
+# pool and token table stay in step with rank 0's without any allocator of its own.
+
+_STOP, _FORWARD = 0, 1
+_HEADER = 8  # op, T, B, R, M, max_q_len, max_seq_len, has_image
+
+
+def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.device | str, hidden: int,
+                    dtype: torch.dtype, stop: bool = False) -> ForwardBatch | None:
+    """Rank 0 sends `batch` (or, with `stop`, the end of the loop); other ranks get a copy or None.
+
+    Three broadcasts at most: a fixed-size header, every integer tensor packed into one, and
+    the image embedding rows when the batch has any.
+    """
+    from ..models.llm.decoder import ForwardBatch  # noqa: F811 (runtime import: the decoder imports this module)
+
+    if tp.rank == 0:
+        if stop:
+            tp.broadcast(torch.zeros(_HEADER, dtype=torch.int64, device=device))
+            return None
+        b = batch
+        has_image = b.image_rows is not None
+        m = b.image_rows.shape[0] if has_image else 0
+        header = [_FORWARD, b.input_ids.numel(), b.req_rows.numel(), b.logit_rows.numel(), m, b.max_q_len,
+                  b.max_seq_len, int(has_image)]
+        tp.broadcast(torch.tensor(header, dtype=torch.int64, device=device))
+        ints = [b.input_ids, b.positions, b.slots, b.req_rows, b.cu_q, b.prefix_lens, b.seq_lens, b.logit_rows]
+        if has_image:
+            ints.append(b.image_index)
+        tp.broadcast(torch.cat([t.to(device, torch.int64) for t in ints]))
+        if has_image:
+            tp.broadcast(b.image_rows.to(device, dtype).contiguous())
+        return batch
+    header = tp.broadcast(torch.empty(_HEADER, dtype=torch.int64, device=device)).tolist()
+    op, t, nb, r, m, max_q, max_seq, has_image = header
+    if op == _STOP:
+        return None
+    sizes = [t, t, t, nb, nb + 1, nb, nb, r] + ([t] if has_image else [])
+    ints = tp.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=device)).split(sizes)
+    i32 = torch.int32
+    image_rows = tp.broadcast(torch.empty((m, hidden), dtype=dtype, device=device)) if has_image else None
+    return ForwardBatch(input_ids=ints[0], positions=ints[1], slots=ints[2].to(i32), req_rows=ints[3].to(i32),
+                        cu_q=ints[4].to(i32), prefix_lens=ints[5].to(i32), seq_lens=ints[6].to(i32),
+                        max_q_len=max_q, max_seq_len=max_seq, logit_rows=ints[7], image_rows=image_rows,
+                        image_index=ints[8].to(i32) if has_image else None)
+
+
+def write_token_table(batch: ForwardBatch, token_table: torch.Tensor) -> None:
+    """What rank 0's Engine did with `TokenTable.append`: table[row of token, its position] = its slot."""
+    q_lens = batch.cu_q[1:] - batch.cu_q[:-1]
+    rows = batch.req_rows.long().repeat_interleave(q_lens, output_size=batch.input_ids.numel())
+    token_table[rows, batch.positions] = batch.slots.to(token_table.dtype)
+
+
+class TPLeader:
+    """Rank 0's stand-in for its DecoderLM: `Engine(TPLeader(llm, tp), ...)` sends every batch to
+    the followers before running its own shard. Call `stop()` when done to end `follow()`."""
+
+    def __init__(self, llm: DecoderLM, tp: TPGroup):
+        self.llm, self.tp = llm, tp
+
+    def __getattr__(self, name: str):  # device, dtype, cfg, kv_shape, ...: the wrapped model's
+        return getattr(self.llm, name)
+
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+        broadcast_batch(self.tp, batch, self.llm.device, self.llm.cfg.hidden_size, self.llm.dtype)
+        return self.llm.forward(batch, kv_pool, token_table)
+
+    def stop(self) -> None:
+        broadcast_batch(self.tp, None, self.llm.device, self.llm.cfg.hidden_size, self.llm.dtype, stop=True)
+
+
+def follow(llm: DecoderLM, kv_pool: torch.Tensor, token_table: torch.Tensor, tp: TPGroup) -> int:
+    """Ranks > 0: run rank 0's batches until it stops; returns the number of steps run.
+
+    `kv_pool` is `llm.kv_shape(N)` with rank 0's N; `token_table` is [max_requests, max_req_len]
+    int32, as rank 0's Engine. The logits are dropped: rank 0 samples.
+    """
+    steps = 0
+    while (batch := broadcast_batch(tp, None, llm.device, llm.cfg.hidden_size, llm.dtype)) is not None:
+        write_token_table(batch, token_table)
+        llm.forward(batch, kv_pool, token_table)
+        steps += 1
+    return steps

@@ -18,7 +18,7 @@ from ._flash import LOG2E, softmax_step
 from ._utils import check_last_dim_contiguous, dot_precision, interpreting, next_pow2
 
 MIN_KEYS_PER_SPLIT = 256
-MAX_SPLITS = 16
+MAX_SPLITS = 64
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _decode_attention_kernel(
         m_i, l_i, acc = softmax_step(q, tl.trans(k), v, n_mask[None, :], m_i, l_i, acc, qk_scale, PREC, True)
 
     if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (graph padding rows) -> zeros
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=hd_mask)
     else:
@@ -92,8 +92,10 @@ def _merge_splits_kernel(
     lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
     part = tl.load(part_out_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                    mask=s_mask[:, None], other=0.0)
-    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
-    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    lse_max = tl.max(lse, 0)
+    # all splits empty only when seq_len == 0 (graph padding rows): give zeros, not NaN
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0)), 0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
 
@@ -104,19 +106,24 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int | None, device: torch.device) -> int:
-    """Enough splits to give ~2 programs per SM, never splits shorter than MIN_KEYS_PER_SPLIT."""
+    """Split only when batch * kv_heads programs leave SMs idle: then aim for ~2 programs
+    per SM, never with splits shorter than MIN_KEYS_PER_SPLIT."""
     if device.type != "cuda":
         return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    programs = max(1, batch * kv_heads)
+    if programs >= sms:
+        return 1
     cap = MAX_SPLITS if max_seq_len is None else triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT)
-    want = triton.cdiv(2 * _num_sms(device.index or 0), max(1, batch * kv_heads))
+    want = triton.cdiv(2 * sms, programs)
     return max(1, min(want, cap, MAX_SPLITS))
 
 
-def _config(block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel."""
+def _config(block_d: int, num_splits: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel; from a sweep on H100 (head_dim 128)."""
     if interpreting():
         return 16, 1, 1
-    return 64, 4, 3
+    return 64, 2 if num_splits > 1 else 4, 3
 
 
 def decode_attention(
@@ -139,7 +146,7 @@ def decode_attention(
         num_splits = choose_num_splits(B, HK, max_seq_len, q.device)
     group = HQ // HK
     block_d = max(16, next_pow2(D))
-    block_n, warps, stages = _config(block_d)
+    block_n, warps, stages = _config(block_d, num_splits)
     if num_splits > 1:
         part_out = torch.empty((B, HQ, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q.device)

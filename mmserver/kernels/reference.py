@@ -168,7 +168,8 @@ def decode_attention(
         scale=scale,
         enable_gqa=True,
     )
-    return o[:, :, 0, :].to(q.dtype)
+    # rows with seq_len 0 (CUDA-graph padding) have no keys: zeros, like the kernel
+    return torch.where((seq_lens > 0)[:, None, None], o[:, :, 0, :], 0.0).to(q.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,10 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     block_d = max(16, next_pow2(D))
     if interpreting():
         block_m, block_n, warps, stages = 16, 16, 1, 1
+    elif block_d <= 64:  # InternViT-300M; from a sweep on H100, on par with torch's flash SDPA
+        block_m, block_n, warps, stages = 64, 64, 4, 3
     else:
-        block_m, block_n = 128, 64
-        warps, stages = (4, 3) if block_d <= 64 else (8, 2)
+        block_m, block_n, warps, stages = 128, 64, 8, 2
     grid = (triton.cdiv(S, block_m), N * HEADS)
     _vit_attention_kernel[grid](
         q, k, v, out, scale * LOG2E,

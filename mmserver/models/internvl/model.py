@@ -34,25 +34,35 @@ class InternVLModel:
         model_dir = Path(model_dir)
         cfg = load_config(model_dir)
         _check_image_length(cfg)
-        if tp is None or tp.size == 1:
-            weights = load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress)
-            return cls(cfg, weights, model_dir, tp)
-        # Whole model on the host, shard there, then move only the shard: a rank's GPU never
-        # holds the full model.
-        full = load_weights(model_dir, cfg, device="cpu", dtype=dtype, progress=progress and tp.rank == 0)
-        shard = shard_weights(full, cfg, tp.rank, tp.size)
-        del full
-        moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
-        weights = {}
-        for name, t in shard.items():
-            if id(t) not in moved:
-                moved[id(t)] = t.to(device)
-            weights[name] = moved[id(t)]
+        weights = load_sharded_weights(model_dir, cfg, device, dtype, tp, progress=progress)
         return cls(cfg, weights, model_dir, tp)
 
     @property
     def tokens_per_tile(self) -> int:
         return self.cfg.image_tokens_per_tile
+
+
+def load_sharded_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32, tp: TPGroup | None = None,
+                         components: tuple[str, ...] = ("vision", "llm"), progress: bool = True) -> dict[str, torch.Tensor]:
+    """`load_weights`, then (tp size > 1) this rank's shard: the one place weights get sharded.
+
+    When sharding, the whole model is read to the host and sharded there, and only the shard
+    moves to `device`: a rank's GPU never holds the full model.
+    """
+    if tp is None or tp.size == 1:
+        return load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress, components=components)
+    full = load_weights(model_dir, cfg, device="cpu", dtype=dtype, progress=progress and tp.rank == 0,
+                        components=components)
+    shard = shard_weights(full, cfg, tp.rank, tp.size)
+    del full  # the shard's sliced tensors are copies, so this frees the unsharded ones
+    moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
+    weights = {}
+    for name, t in shard.items():
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        weights[name] = moved[id(t)]
+    return weights
 
 
 def _check_image_length(cfg: InternVLConfig) -> None:

@@ -1,0 +1,261 @@
+"""End to end: the real multiprocess server on CPU, real HTTP, compared with the pipeline."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mmserver import GenerationConfig, pipeline
+from server_util import alive, gen_body, image_b64, shm_segments, start_server, stop_server
+
+N = 6
+CPU_FLAGS = ["--enable_multimodal", "--max_total_token_num", "40000", "--max_req_total_len", "8192",
+             "--running_max_req_size", "48", "--max_images_per_request", "3", "--max_image_bytes", "3000000",
+             "--image_fetch_timeout", "1", "--visual_infer_batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints):
+    return checkpoints("original", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return pipeline(ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    srv = start_server(ckpt, *CPU_FLAGS, log_dir=tmp_path_factory.mktemp("logs"))
+    yield srv
+    stop_server(srv)
+
+
+def expected(pipe, prompt, images=(), n=N, **kw):
+    return pipe.generate(prompt, images=list(images),
+                         gen_config=GenerationConfig(max_new_tokens=n, ignore_eos=True, **kw)).token_ids
+
+
+def ids_of(body: dict) -> list[int]:
+    return [t["id"] for t in body["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def cases(image_factory_m):
+    f = image_factory_m
+    return {
+        "text": ("<|im_start|>user\nHello, who are you?<|im_end|>\n<|im_start|>assistant\n", []),
+        "one_image": ("<image>\nWhat is in the picture?", [f(448, 448, 21)]),
+        "multi_tile": ("<image>\nDescribe it.", [f(1280, 720, 22)]),
+        "multi_image": ("Image-1: <image>\nImage-2: <image>\nCompare.", [f(300, 900, 23), f(500, 400, 24)]),
+    }
+
+
+@pytest.fixture(scope="module")
+def image_factory_m():
+    from conftest import random_image
+
+    return random_image
+
+
+@pytest.mark.parametrize("case", ["text", "one_image", "multi_tile", "multi_image"])
+def test_generate_equals_pipeline(server, pipe, cases, case):
+    prompt, images = cases[case]
+    status, body = server.post("/generate", gen_body(prompt, images, max_new_tokens=N, ignore_eos=True,
+                                                     return_details=True))
+    assert status == 200, body
+    assert ids_of(body) == expected(pipe, prompt, images)
+    assert body["count_output_tokens"] == N and body["finish_reason"] == "length"
+    assert body["prompt_tokens"] == len(pipe.prepare(prompt, images)[0])
+    assert all(isinstance(t["logprob"], float) and t["logprob"] <= 0 for t in body["tokens"])
+
+
+def test_stream_equals_generate(server, pipe, cases):
+    prompt, images = cases["one_image"]
+    status, events = server.stream(gen_body(prompt, images, max_new_tokens=N, ignore_eos=True))
+    assert status == 200
+    assert [e["token"]["id"] for e in events] == expected(pipe, prompt, images)
+    assert [e["finished"] for e in events] == [False] * (N - 1) + [True]
+    assert events[-1]["finish_reason"] == "length"
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert [e["token"]["count_output_tokens"] for e in events] == list(range(1, N + 1))
+
+
+def test_32_concurrent_mixed_requests(server, pipe, cases):
+    bodies, wants = [], []
+    names = list(cases)
+    for i in range(32):
+        prompt, images = cases[names[i % len(names)]]
+        n = 3 + i % 5
+        bodies.append(gen_body(prompt, images, max_new_tokens=n, ignore_eos=True, return_details=True))
+        wants.append((prompt, images, n))
+    refs = {}
+    for prompt, images, n in wants:
+        key = (prompt, n)
+        if key not in refs:
+            refs[key] = expected(pipe, prompt, images, n)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda b: server.post("/generate", b), bodies))
+    for (status, body), (prompt, _, n) in zip(results, wants):
+        assert status == 200, body
+        assert ids_of(body) == refs[(prompt, n)]
+    assert server.wait_metric("mmserver_kv_slots_used", 0) == 0
+
+
+def test_repeated_image_is_a_cache_hit(server, pipe, image_factory_m):
+    img = image_factory_m(640, 480, 31)
+    prompt = "<image>\nAgain?"
+    before = server.metrics()
+    first = server.post("/generate", gen_body(prompt, [img], max_new_tokens=N, ignore_eos=True,
+                                              return_details=True))[1]
+    mid = server.metrics()
+    second = server.post("/generate", gen_body(prompt, [img], max_new_tokens=N, ignore_eos=True,
+                                               return_details=True))[1]
+    after = server.metrics()
+    assert mid["mmserver_embed_cache_misses_total"] == before["mmserver_embed_cache_misses_total"] + 1
+    assert after["mmserver_embed_cache_hits_total"] == mid["mmserver_embed_cache_hits_total"] + 1
+    server.wait_metric("mmserver_vit_images_total", mid["mmserver_vit_images_total"])
+    assert server.metrics()["mmserver_vit_images_total"] == mid["mmserver_vit_images_total"]  # ViT skipped
+    assert ids_of(first) == ids_of(second) == expected(pipe, prompt, [img])
+
+
+def test_tokens_endpoint_counts_images(server, pipe, cases):
+    prompt, images = cases["multi_image"]
+    status, body = server.post("/tokens", gen_body(prompt, images))
+    assert status == 200 and body["ntokens"] == len(pipe.prepare(prompt, images)[0])
+
+
+def test_stop_sequence_over_http(server, pipe):
+    prompt = "Tell me something."
+    full = pipe.generate(prompt, gen_config=GenerationConfig(max_new_tokens=10, ignore_eos=True)).text
+    stop = full[4:6]
+    status, body = server.post("/generate", gen_body(prompt, max_new_tokens=10, ignore_eos=True,
+                                                     stop_sequences=[stop]))
+    assert status == 200
+    assert body["finish_reason"] == "stop" and body["generated_text"] == [full[: full.index(stop)]]
+    assert server.wait_metric("mmserver_kv_slots_used", 0) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: a 4xx naming the problem, and the server keeps serving.
+
+
+@pytest.fixture(scope="module")
+def silent_url():
+    """A URL whose server accepts the connection and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(sock.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/image.png"
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    sock.close()
+
+
+def _bad_cases(image_factory_m, silent_url):
+    img = image_b64(image_factory_m(64, 64, 1))
+    big = image_factory_m(1200, 1200, 2)  # noise PNG over the 3 MB cap
+    return {
+        "invalid_json": (b"{not json", 400, "invalid JSON"),
+        "missing_inputs": ({"parameters": {}}, 400, "missing 'inputs'"),
+        "unknown_parameter": ({"inputs": "x", "parameters": {"max_tokens": 3}}, 400, "unknown parameter(s): max_tokens"),
+        "out_of_range": ({"inputs": "x", "parameters": {"temperature": -1}}, 400, "temperature"),
+        "wrong_type": ({"inputs": "x", "parameters": {"max_new_tokens": "5"}}, 400, "max_new_tokens"),
+        "broken_base64": ({"inputs": "<image>", "multimodal_params": {"images": [{"type": "base64", "data": "%%%"}]}},
+                          400, "invalid base64"),
+        "not_an_image": ({"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "base64", "data": "aGVsbG8gd29ybGQ="}]}}, 400, "cannot decode as an image"),
+        "url_no_answer": ({"inputs": "<image>", "multimodal_params": {"images": [{"type": "url", "data": silent_url}]}},
+                          400, "timed out"),
+        "image_too_large": ({"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "base64", "data": image_b64(big, "BMP")}]}}, 413, "exceeds the 3000000-byte limit"),
+        "too_many_images": ({"inputs": "<image>" * 4, "multimodal_params": {"images": [
+            {"type": "base64", "data": img}] * 4}}, 400, "at most 3"),
+        "placeholder_mismatch": ({"inputs": "<image> <image>", "multimodal_params": {"images": [
+            {"type": "base64", "data": img}]}}, 400, "2 image placeholder(s)"),
+        "image_without_placeholder": ({"inputs": "no placeholder", "multimodal_params": {"images": [
+            {"type": "base64", "data": img}]}}, 400, "0 image placeholder(s)"),
+        "prompt_too_long": ({"inputs": "word " * 9000}, 400, "exceeds max_req_total_len 8192"),
+        "file_images_disabled": ({"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "file", "data": "/etc/passwd"}]}}, 400, "local files are disabled"),
+    }
+
+
+BAD = ["invalid_json", "missing_inputs", "unknown_parameter", "out_of_range", "wrong_type", "broken_base64",
+       "not_an_image", "url_no_answer", "image_too_large", "too_many_images", "placeholder_mismatch",
+       "image_without_placeholder", "prompt_too_long", "file_images_disabled"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input(server, image_factory_m, silent_url, name):
+    body, status, message = _bad_cases(image_factory_m, silent_url)[name]
+    t0 = time.monotonic()
+    got_status, got = server.post("/generate", body)
+    assert got_status == status, got
+    assert message in got["message"]
+    assert time.monotonic() - t0 < 10  # bounded, even for the silent URL
+    ok_status, ok = server.post("/generate", gen_body("still alive?", max_new_tokens=2, ignore_eos=True))
+    assert ok_status == 200 and ok["count_output_tokens"] == 2
+
+
+def test_client_disconnect_frees_kv(server):
+    body = json.dumps(gen_body("A long answer please.", max_new_tokens=2000, ignore_eos=True))
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/generate_stream", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data:")
+    deadline = time.monotonic() + 10
+    while server.metrics()["mmserver_kv_slots_used"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # router stats arrive every 0.2 s
+    assert server.metrics()["mmserver_kv_slots_used"] > 0
+    conn.close()  # hang up mid-stream
+    assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
+    assert server.wait_metric("mmserver_kv_slots_used", 0) == 0
+    assert server.wait_metric("mmserver_running_requests", 0) == 0
+
+
+def test_health_and_metrics(server):
+    assert server.get("/health") == (200, '{"status": "ok"}')
+    m = server.metrics()
+    for name in ("mmserver_kv_slots_total", "mmserver_queue_length", "mmserver_embed_cache_bytes",
+                 "mmserver_vit_tiles_total", 'mmserver_requests_total{outcome="ok"}'):
+        assert name in m
+    assert m["mmserver_kv_slots_total"] == 40000
+
+
+def test_sigterm_leaves_nothing_behind(ckpt, tmp_path):
+    srv = start_server(ckpt, "--enable_multimodal", "--max_total_token_num", "8192", log_dir=tmp_path)
+    from conftest import random_image
+
+    assert srv.post("/generate", gen_body("<image>\nhi", [random_image(448, 448, 3)], max_new_tokens=2))[0] == 200
+    pid = srv.proc.pid
+    assert shm_segments(pid), "the cache should hold a segment while running"
+    assert len(srv.children) >= 3
+    assert stop_server(srv) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(c) for c in srv.children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in srv.children if alive(c)]
+    assert shm_segments(pid) == []
