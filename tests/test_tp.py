@@ -99,7 +99,8 @@ def _spawn(world: int, tmp_path: Path, phases: list[tuple[int, str, list[dict]]]
 
 def _job(ckpt: Path, seed: int) -> tuple[dict, dict]:
     """A job for `_run_job` plus its single-process result."""
-    pipe = Pipeline(ckpt, device="cpu", dtype="float32", engine_config=EngineConfig(max_total_tokens=16), progress=False)
+    pipe = Pipeline(ckpt, device="cpu", dtype="float32", engine_config=EngineConfig(max_total_tokens=16),
+                    progress=False)  # its own engine is unused: a tiny KV pool
     image = random_image(640, 480, seed)
     requests = [pipe.prepare("<image>\nWhat is in the picture?", [image], 2),
                 pipe.prepare("A text-only question.", []),
@@ -247,7 +248,8 @@ def test_load_sharded_components(checkpoints):
     cfg = load_config(ckpt)
     w = load_sharded_weights(ckpt, cfg, tp=TPGroup(1, 2, None), components=("llm",), progress=False)
     assert not any(k.startswith(("vit.", "mlp1.")) for k in w)
-    assert w["llm.layers.0.qkv.weight"].shape[0] == (cfg.llm.num_heads + 2 * cfg.llm.num_kv_heads) // 2 * cfg.llm.head_dim
+    heads = cfg.llm.num_heads + 2 * cfg.llm.num_kv_heads
+    assert w["llm.layers.0.qkv.weight"].shape[0] == heads // 2 * cfg.llm.head_dim
     w = load_sharded_weights(ckpt, cfg, tp=TPGroup(1, 2, None), components=("vision",), progress=False)
     assert not any(k.startswith("llm.") for k in w)
     assert w["vit.layers.0.fc1.weight"].shape[0] == cfg.vision.intermediate_size // 2

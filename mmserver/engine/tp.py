@@ -1,4 +1,5 @@
-"""Tensor parallelism (Megatron style): process group setup and weight sharding.
+"""Tensor parallelism (Megatron style): process group setup, weight sharding, and driving the
+follower ranks from rank 0's Engine.
 
 Each rank holds a slice of every large matmul and the activations between layers stay
 replicated: column-parallel layers (LLM qkv, gate_up; ViT qkv, fc1) split output rows,

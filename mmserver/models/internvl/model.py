@@ -44,7 +44,8 @@ class InternVLModel:
 
 def load_sharded_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str = "cpu",
                          dtype: torch.dtype = torch.float32, tp: TPGroup | None = None,
-                         components: tuple[str, ...] = ("vision", "llm"), progress: bool = True) -> dict[str, torch.Tensor]:
+                         components: tuple[str, ...] = ("vision", "llm"),
+                         progress: bool = True) -> dict[str, torch.Tensor]:
     """`load_weights`, then (tp size > 1) this rank's shard: the one place weights get sharded.
 
     When sharding, the whole model is read to the host and sharded there, and only the shard
