@@ -26,10 +26,35 @@ def _itemsize(args: ServerArgs, checkpoint_dtype: str) -> int:
                                                  checkpoint_dtype)).element_size()
 
 
+def _start_vit_workers(args: ServerArgs, cluster: Cluster) -> list:
+    """visual_dp groups of visual_tp ranks, each rank a process; returns the leaders' pipes.
+
+    With one group of one rank there is nothing to start: the visual server runs the ViT."""
+    from .visual.process import run_vit_follower, run_vit_leader
+
+    if args.visual_dp == 1 and args.visual_tp == 1:
+        return []
+    remote = []
+    for g in range(args.visual_dp):
+        init = f"file://{cluster.workdir}/vit{g}.init"
+        jobs_r, jobs_w = pipe()
+        res_r, res_w = pipe()
+        cluster.spawn(f"vit{g}-0", run_vit_leader, args.log_level, args=args, dp_rank=g, init_method=init,
+                      jobs=jobs_r, results=res_w)
+        for r in range(1, args.visual_tp):
+            cluster.spawn(f"vit{g}-{r}", run_vit_follower, args.log_level, args=args, dp_rank=g, tp_rank=r,
+                          init_method=init)
+        remote.append((jobs_w, res_r))
+    for g in range(args.visual_dp):
+        for r in range(args.visual_tp):
+            cluster.wait_ready(f"vit{g}-{r}")
+    return remote
+
+
 def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) -> dict:
     """Start the child processes in order; returns the HTTP process's pipe ends and facts."""
     from .embed_cache.process import run_cache
-    from .router.process import run_router
+    from .router.process import run_model_worker, run_router
     from .visual.process import run_visual
 
     http_to_router_r, http_to_router_w = pipe()
@@ -42,14 +67,22 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) 
         cluster.start("embed_cache", run_cache, args.log_level, prefix=cluster.prefix, socket_path=socket_path,
                       hidden_size=cfg.llm.hidden_size, itemsize=_itemsize(args, cfg.torch_dtype),
                       capacity=args.cache_capacity, max_bytes=args.cache_max_bytes)
+        remote = _start_vit_workers(args, cluster)
         http_to_visual_r, http_to_visual_w = pipe()
         visual_to_http_r, visual_to_http_w = pipe()
         cluster.start("visual", run_visual, args.log_level, args=args, from_http=http_to_visual_r,
-                      to_router=visual_to_router_w, to_http=visual_to_http_w, cache_socket=socket_path)
+                      to_router=visual_to_router_w, to_http=visual_to_http_w, cache_socket=socket_path,
+                      remote=remote)
         ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
-    info = cluster.start("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
-                         from_visual=visual_to_router_r, to_http=router_to_http_w, image_token_id=image_token_id)
-    ends["router_info"] = info
+    init = f"file://{cluster.workdir}/llm.init"
+    cluster.spawn("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
+                  from_visual=visual_to_router_r, to_http=router_to_http_w, image_token_id=image_token_id,
+                  init_method=init)
+    for r in range(1, args.tp):
+        cluster.spawn(f"model{r}", run_model_worker, args.log_level, args=args, tp_rank=r, init_method=init)
+    ends["router_info"] = cluster.wait_ready("router")
+    for r in range(1, args.tp):
+        cluster.wait_ready(f"model{r}")
     return ends
 
 

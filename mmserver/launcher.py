@@ -79,14 +79,21 @@ class Cluster:
     prefix: str
     workdir: str
     procs: dict[str, Any] = field(default_factory=dict)
+    _status: dict[str, Connection] = field(default_factory=dict)
 
-    def start(self, name: str, target: Callable, log_level: str, **kwargs) -> Any:
+    def spawn(self, name: str, target: Callable, log_level: str, **kwargs) -> None:
+        """Start a child without waiting (ranks of one process group must all start first)."""
         recv, send = _CTX.Pipe(duplex=False)
         p = _CTX.Process(target=_child_entry, name=f"mmserver-{name}",
                          args=(name, target, kwargs, send, log_level, os.getpid()), daemon=False)
         p.start()
         send.close()
         self.procs[name] = p
+        self._status[name] = recv
+
+    def wait_ready(self, name: str) -> Any:
+        """Block until `name` reports ready; returns what it reported, or raises StartupError."""
+        p, recv = self.procs[name], self._status.pop(name)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if recv.poll(0.2):
@@ -101,6 +108,10 @@ class Cluster:
                 raise StartupError(f"{name} exited during start-up (exit code {p.exitcode})")
             if time.monotonic() > deadline:
                 raise StartupError(f"{name} did not become ready within {START_TIMEOUT_S:g}s")
+
+    def start(self, name: str, target: Callable, log_level: str, **kwargs) -> Any:
+        self.spawn(name, target, log_level, **kwargs)
+        return self.wait_ready(name)
 
     def dead(self) -> str | None:
         for name, p in self.procs.items():

@@ -1,15 +1,20 @@
 """Request intake: images → bytes, md5 and tile counts; prompt → token ids with the image
-placeholders expanded; then cache references and shared-memory image bytes."""
+placeholders expanded; then cache references and shared-memory image bytes.
+
+Precomputed embeddings (`{"type": "embeds"}`, see `embeds.py`) skip the cache and the ViT:
+each goes into a fresh segment that this process owns and unlinks when the request ends."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import aiohttp
+import torch
 
 from ..embed_cache import shm
 from ..embed_cache.service import CacheClient
@@ -17,8 +22,9 @@ from ..models.internvl.config import InternVLConfig
 from ..models.internvl.preprocess import num_tiles
 from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids
 from ..router.messages import ImageRef
+from . import embeds as embeds_io
 from . import images as image_io
-from .errors import BadRequest, Overloaded
+from .errors import BadRequest, Overloaded, TooLarge
 
 
 @dataclass
@@ -42,9 +48,27 @@ class PreparedImage:
         return f"{self.loaded.md5}:max{self.max_patch}"
 
 
+@dataclass
+class PreparedEmbeds:
+    tensor: torch.Tensor  # [n_tokens, hidden], validated, in the model's dtype
+    tiles: int
+
+
+Prepared = Union[PreparedImage, PreparedEmbeds]
+
+
+@dataclass
+class EmbedsInput:
+    """What the HTTP process needs to accept precomputed embeddings."""
+
+    shm_prefix: str  # the server's segment prefix, so a shutdown sweep also removes ours
+    dtype: torch.dtype  # the model's dtype: the router reads the rows as they are
+
+
 class Intake:
     def __init__(self, cfg: InternVLConfig, tokenizer, special: SpecialIds, tokens_per_tile: int,
-                 limits: IntakeLimits, cache: CacheClient | None, session: aiohttp.ClientSession):
+                 limits: IntakeLimits, cache: CacheClient | None, session: aiohttp.ClientSession,
+                 embeds: EmbedsInput | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.special = special
@@ -52,15 +76,20 @@ class Intake:
         self.limits = limits
         self.cache = cache
         self.session = session
+        self.embeds = embeds
+        self._embeds_ids = itertools.count(1)
         env_cap = os.environ.get("MAX_PATCH_NUM")
         self.default_cap = int(env_cap) if env_cap else cfg.max_dynamic_patch
         self._decode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-decode")
         self._cache_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-client")
 
-    async def load_images(self, specs: Sequence, request_cap: int) -> list[PreparedImage]:
+    async def load_images(self, specs: Sequence, request_cap: int) -> list[Prepared]:
         l = self.limits
 
-        async def one(i: int, spec) -> PreparedImage:
+        async def one(i: int, spec) -> Prepared:
+            if spec.type == "embeds":
+                return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._load_embeds,
+                                                                        spec.data, i)
             raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
                                       max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
             loop = asyncio.get_running_loop()
@@ -72,7 +101,21 @@ class Intake:
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
 
-    def tokenize(self, prompt: str, images: list[PreparedImage]) -> list[int]:
+    def _load_embeds(self, data: str, index: int) -> PreparedEmbeds:
+        """base64 → safetensors → one validated tensor. Runs in a thread."""
+        if self.embeds is None:
+            raise BadRequest(f"image {index}: precomputed embeddings are not accepted by this server")
+        try:
+            raw = embeds_io.b64decode(data, index)
+            if len(raw) > self.limits.max_image_bytes:
+                raise TooLarge(f"embeds {index}: {len(raw)} bytes exceeds the {self.limits.max_image_bytes}-byte limit")
+            t = embeds_io.check(embeds_io.from_safetensors(raw, index), index, self.tokens_per_tile,
+                                self.cfg.llm.hidden_size, self.embeds.dtype)
+        except embeds_io.EmbedsError as e:
+            raise BadRequest(str(e)) from None
+        return PreparedEmbeds(t, embeds_io.num_tiles(t, self.tokens_per_tile))
+
+    def tokenize(self, prompt: str, images: list[Prepared]) -> list[int]:
         try:
             return build_input_ids(self.tokenizer, prompt, [im.tiles for im in images], self.tokens_per_tile,
                                    self.special)
@@ -85,7 +128,21 @@ class Intake:
             raise BadRequest(f"prompt ({n_prompt} tokens, images included) + max_new_tokens ({max_new_tokens}) "
                              f"= {total} exceeds max_req_total_len {self.limits.max_req_len}")
 
-    async def take_cache_refs(self, images: list[PreparedImage]) -> list[ImageRef]:
+    async def take_cache_refs(self, images: list[Prepared]) -> list[ImageRef]:
+        """One ImageRef per image, in order: a cache record per image (see `_cache_refs`) and
+        an owned segment per embeddings input. `release` gives all of them back."""
+        cache_refs = await self._cache_refs([im for im in images if isinstance(im, PreparedImage)])
+        try:
+            # Synchronous on purpose: no await between creating the segments and returning
+            # their refs, so a cancelled request cannot leave one behind.
+            own_refs = self._write_embeds([im for im in images if isinstance(im, PreparedEmbeds)])
+        except BaseException:
+            await self.release(cache_refs)
+            raise
+        cached, own = iter(cache_refs), iter(own_refs)
+        return [next(own) if isinstance(im, PreparedEmbeds) else next(cached) for im in images]
+
+    async def _cache_refs(self, images: list[PreparedImage]) -> list[ImageRef]:
         """Reference a cache record per image (waiting a bounded time for room), and put the
         bytes of images the cache lacks into shared memory for the ViT."""
         if not images:
@@ -110,10 +167,29 @@ class Intake:
             raise
         return refs
 
+    def _write_embeds(self, items: list[PreparedEmbeds]) -> list[ImageRef]:
+        refs: list[ImageRef] = []
+        try:
+            for item in items:
+                name = f"{self.embeds.shm_prefix}emb-in-{next(self._embeds_ids)}"
+                t = item.tensor
+                seg = shm.create(name, t.numel() * t.element_size())
+                refs.append(ImageRef(0, name, "", t.shape[0], 0, False, 0, precomputed=True))
+                try:
+                    shm.tensor_view(seg, tuple(t.shape), t.dtype).copy_(t)
+                finally:
+                    seg.close()
+        except BaseException:
+            _unlink_owned(refs)
+            raise
+        return refs
+
     async def release(self, refs: list[ImageRef]) -> None:
-        if refs:
+        _unlink_owned(refs)
+        record_ids = [r.record_id for r in refs if not r.precomputed]
+        if record_ids:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._cache_pool, self.cache.release, [r.record_id for r in refs])
+            await loop.run_in_executor(self._cache_pool, self.cache.release, record_ids)
 
     async def cache_call(self, fn, *args):
         loop = asyncio.get_running_loop()
@@ -122,6 +198,12 @@ class Intake:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._cache_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _unlink_owned(refs: list[ImageRef]) -> None:
+    for r in refs:
+        if r.precomputed:
+            shm.unlink(r.emb_name)
 
 
 def _write_image_bytes(refs: list[ImageRef], images: list[PreparedImage]) -> None:

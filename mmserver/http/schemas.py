@@ -34,6 +34,15 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
 IMAGE_TYPES = ("base64", "url", "file", "embeds")
 
 
+class ParamError(BadRequest):
+    """A bad parameter value: `param` names it, `detail` says what is wrong ("must be …")."""
+
+    def __init__(self, param: str, detail: str, message: str | None = None):
+        super().__init__(message or f"parameter '{param}' {detail}")
+        self.param = param
+        self.detail = detail
+
+
 @dataclass
 class ImageSpec:
     type: str
@@ -71,20 +80,20 @@ def parse_parameters(raw: Any) -> dict[str, Any]:
         # bool is an int subclass: refuse true/false where a number is expected, and vice versa.
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
-            raise BadRequest(f"parameter '{name}' must be a {_type_name(types)}, got {value!r}")
+            raise ParamError(name, f"must be a {_type_name(types)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise BadRequest(f"parameter '{name}' must be finite, got {value!r}")
+            raise ParamError(name, f"must be finite, got {value!r}")
         out[name] = value
     for name in ("best_of", "n"):
         if out[name] != 1:
-            raise BadRequest(f"parameter '{name}' must be 1, got {out[name]}")
+            raise ParamError(name, f"must be 1, got {out[name]}")
     stops = out["stop_sequences"]
     out["stop_sequences"] = [stops] if isinstance(stops, str) else list(stops or [])
     if not all(isinstance(s, str) for s in out["stop_sequences"]):
-        raise BadRequest("parameter 'stop_sequences' must be a list of strings")
+        raise ParamError("stop_sequences", "must be a list of strings")
     if out["image_max_patch_num"] == 0 or out["image_max_patch_num"] < -1:
-        raise BadRequest(f"parameter 'image_max_patch_num' must be -1 (model default) or >= 1, "
-                         f"got {out['image_max_patch_num']}")
+        raise ParamError("image_max_patch_num", f"must be -1 (model default) or >= 1, "
+                                                f"got {out['image_max_patch_num']}")
     return out
 
 
@@ -97,8 +106,9 @@ def sampling_params(p: dict[str, Any], stop_token_ids: list[int]) -> SamplingPar
         seed=p["seed"], stop_token_ids=list(stop_token_ids), logprobs=True)
     try:
         params.validate()
-    except ValueError as e:
-        raise BadRequest(f"parameter {e}") from None
+    except ValueError as e:  # SamplingParams names the field first: "<name> must be …"
+        name, _, detail = str(e).partition(" ")
+        raise ParamError(name, detail, f"parameter {e}") from None
     return params
 
 

@@ -1,4 +1,5 @@
-"""HTTP routes (aiohttp): /generate, /generate_stream, /tokens, /health, /metrics."""
+"""HTTP routes (aiohttp): /generate, /generate_stream, /tokens, /health, /metrics; the
+OpenAI-compatible /v1 routes live in `openai_api.py` and reuse `json_body` and `prepare`."""
 
 from __future__ import annotations
 
@@ -39,13 +40,17 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
+def outcome_of(status: int) -> str:
+    """The /metrics outcome label of a request that ended with an error `status`."""
+    return "rejected" if status < 500 else ("overloaded" if status == 503 else "failed")
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except HTTPError as e:
-        outcome = "rejected" if e.status < 500 else ("overloaded" if e.status == 503 else "failed")
-        request.app["state"].streams.counters.outcome(outcome)
+        request.app["state"].streams.counters.outcome(outcome_of(e.status))
         return error_response(e.status, e.message)
     except web.HTTPException:
         raise
@@ -55,7 +60,7 @@ async def errors_middleware(request: web.Request, handler):
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
 
-async def _json_body(request: web.Request) -> Any:
+async def json_body(request: web.Request) -> Any:
     try:
         return await request.json(loads=json.loads)
     except json.JSONDecodeError as e:
@@ -66,8 +71,12 @@ async def _json_body(request: web.Request) -> Any:
         raise TooLarge(f"request body too large ({e.text})") from None
 
 
-async def _prepare(state: AppState, req: GenerateRequest) -> tuple[ServeRequest, list, list[int]]:
-    """Validate, load images, tokenize and take cache references (released by the stream)."""
+async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = False
+                  ) -> tuple[ServeRequest, list, list[int]]:
+    """Validate, load images, tokenize and take cache references (released by the stream).
+
+    With `fit_to_context`, max_new_tokens is lowered to the room the prompt leaves in
+    max_req_total_len (OpenAI's "no max_tokens given")."""
     if (reason := state.health()) is not None:
         raise Unavailable(f"server unhealthy: {reason}")
     if state.streams.in_flight >= state.max_waiting:
@@ -76,16 +85,25 @@ async def _prepare(state: AppState, req: GenerateRequest) -> tuple[ServeRequest,
         raise BadRequest("images were sent but the server was started without --enable_multimodal")
     images = await state.intake.load_images(req.images, req.image_max_patch_num)
     ids = state.intake.tokenize(req.inputs, images)
+    if fit_to_context:
+        _fit_max_new_tokens(req.params, len(ids), state.intake.limits.max_req_len)
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     refs = await state.intake.take_cache_refs(images)
     serve = ServeRequest(state.streams.new_id(), ids, req.params, refs)
     return serve, refs, ids[-PROMPT_CONTEXT_TOKENS:]
 
 
+def _fit_max_new_tokens(params, n_prompt: int, max_req_len: int) -> None:
+    room = max_req_len - n_prompt
+    if room >= 1:  # otherwise check_length names the problem
+        params.max_new_tokens = min(params.max_new_tokens, room)
+        params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
+
+
 async def generate(request: web.Request) -> web.Response:
     state: AppState = request.app["state"]
-    req = parse_generate(await _json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs, tail = await _prepare(state, req)
+    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
+    serve, refs, tail = await prepare(state, req)
     tokens = []
     last = None
     async with contextlib.aclosing(state.streams.run(serve, refs, req.skip_special_tokens, tail)) as events:
@@ -104,8 +122,8 @@ async def generate(request: web.Request) -> web.Response:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     state: AppState = request.app["state"]
-    req = parse_generate(await _json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs, tail = await _prepare(state, req)
+    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
+    serve, refs, tail = await prepare(state, req)
     events = state.streams.run(serve, refs, req.skip_special_tokens, tail)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     async with contextlib.aclosing(events):
@@ -133,7 +151,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def tokens(request: web.Request) -> web.Response:
     """Prompt token count, images included (LightLLM's /tokens)."""
     state: AppState = request.app["state"]
-    body = await _json_body(request)
+    body = await json_body(request)
     req = parse_generate({**body, "parameters": body.get("parameters") or {}} if isinstance(body, dict) else body,
                          state.stop_token_ids, state.max_images)
     images = await state.intake.load_images(req.images, req.image_max_patch_num)
@@ -165,4 +183,6 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     app.router.add_post("/tokens", tokens)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    from .openai_api import openai_app  # imported here: openai_api builds on this module
+    app.add_subapp("/v1", openai_app())
     return app

@@ -23,6 +23,9 @@ class ImageRef:
     img_bytes: int
     needs_vit: bool
     max_patch: int  # tile cap used for this image (part of the cache key)
+    # Embeddings sent by the client: a segment the HTTP process owns (not a cache record,
+    # record_id 0) and unlinks when the request ends; never goes through the ViT.
+    precomputed: bool = False
 
 
 @dataclass

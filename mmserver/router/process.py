@@ -86,24 +86,61 @@ class Router:
                 "generated_tokens": self.generated_tokens}
 
 
-def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
-               image_token_id: int) -> None:
-    """Process entry: load the LLM, size the KV pool, report ready, then loop forever."""
+def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
+    """Join the tensor-parallel group (if any) and load this rank's shard of the LLM."""
+    from ..engine.tp import init_tp
     from ..models.internvl.config import load_config
-    from ..models.internvl.weights import load_weights
+    from ..models.internvl.model import load_sharded_weights
     from ..models.llm.decoder import DecoderLM
     from ..pipeline import resolve_dtype
 
     device = args.resolved_device
+    tp = init_tp(tp_rank, args.tp, init_method)
+    if device == "cuda":
+        torch.cuda.set_device(tp_rank % torch.cuda.device_count())
+        device = f"cuda:{torch.cuda.current_device()}"
     cfg = load_config(args.model_dir)
-    dtype = resolve_dtype(args.data_type or "auto", device, cfg.torch_dtype)
-    weights = load_weights(args.model_dir, cfg, device=device, dtype=dtype, progress=False, components=("llm",))
-    llm = DecoderLM(cfg.llm, weights)
-    engine_cfg: EngineConfig = engine_config_for(args, llm)
-    engine = Engine(llm, engine_cfg, image_token_id=image_token_id)
+    dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)
+    weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("llm",), progress=False)
+    llm = DecoderLM(cfg.llm, weights, tp=tp if tp.size > 1 else None)
+    engine_cfg = engine_config_for(args, llm)
+    if tp.size > 1:  # every rank's pool must have the same slots: the smallest one's
+        import torch.distributed as dist
+
+        slots = torch.tensor([engine_cfg.max_total_tokens], dtype=torch.int64, device=llm.device)
+        dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.group)
+        engine_cfg.max_total_tokens = int(slots.item())
+        engine_cfg.max_req_len = min(engine_cfg.max_req_len, engine_cfg.max_total_tokens)
+    return cfg, llm, tp, engine_cfg, dtype
+
+
+def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
+               image_token_id: int, init_method: str = "") -> None:
+    """Process entry (tp rank 0): load the LLM, size the KV pool, report ready, then loop forever."""
+    from ..engine.tp import TPLeader
+
+    cfg, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
+    model = TPLeader(llm, tp) if tp.size > 1 else llm
+    engine = Engine(model, engine_cfg, image_token_id=image_token_id)
     router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
-    serve_forever(router, [from_http, from_visual], to_http)
+    try:
+        serve_forever(router, [from_http, from_visual], to_http)
+    finally:
+        if tp.size > 1:
+            model.stop()
+
+
+def run_model_worker(ready, args: ServerArgs, tp_rank: int, init_method: str) -> None:
+    """Process entry (tp rank > 0): run rank 0's batches on this rank's shard until it stops."""
+    from ..engine.tp import follow
+
+    _, llm, tp, engine_cfg, _ = _load_llm(args, tp_rank, init_method)
+    kv_pool = torch.zeros(llm.kv_shape(engine_cfg.max_total_tokens), dtype=llm.dtype, device=llm.device)
+    token_table = torch.zeros((engine_cfg.max_requests, engine_cfg.max_req_len), dtype=torch.int32,
+                              device=llm.device)
+    ready()
+    follow(llm, kv_pool, token_table, tp)
 
 
 def serve_forever(router: Router, inputs: list[Connection], to_http: Connection) -> None:

@@ -1,28 +1,25 @@
-"""The visual server: batches images of incoming requests through the ViT, writes their
-embeddings into the cache's shared memory, and forwards each request to the router once
-all its images are encoded. An image already being encoded for another request is not
+"""The visual server: batches the images of incoming requests onto ViT worker groups,
+records their embeddings in the cache, and forwards each request to the router once all
+its images are encoded. An image already being encoded for another request is not
 encoded twice."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-import torch
-
-from ..embed_cache import shm
 from ..embed_cache.service import CacheClient
-from ..models.internvl.preprocess import ImageError, load_image, preprocess_image
 from ..router.messages import ImageRef, ServeRequest
-from .workers import EncoderPool
+from .workers import BatchResult, LocalWorker, RemoteWorker, VitRunner, tp_encode, tp_follow
 
 log = logging.getLogger("mmserver.visual")
 
 STATS_INTERVAL_S = 0.2
 MAX_REMEMBERED_ABORTS = 10000
+MAX_REMEMBERED_DONE = 100000
 
 
 @dataclass
@@ -30,23 +27,25 @@ class VitStats:
     batches: int = 0
     images: int = 0
     tiles: int = 0
-    seconds: float = 0.0
+    preprocess_s: float = 0.0
+    encode_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
 class VisualServer:
-    def __init__(self, encoders: EncoderPool, cache: CacheClient, to_router: Connection, batch_size: int,
-                 min_patch: int, use_thumbnail: bool):
-        self.encoders = encoders
+    def __init__(self, workers: list, cache: CacheClient, to_router: Connection, batch_size: int):
+        self.workers = workers
         self.cache = cache
         self.to_router = to_router
         self.batch_size = batch_size
-        self.min_patch = min_patch
-        self.use_thumbnail = use_thumbnail
         self.jobs: deque[ImageRef] = deque()  # images to encode, in arrival order
         self.waiters: dict[int, list[int]] = {}  # record id → requests waiting for it
         self.pending: dict[int, tuple[ServeRequest, set[int]]] = {}  # req id → (request, records left)
         self.aborted: set[int] = set()
+        # Records encoded here. A request that took its cache reference just before the
+        # embedding was marked present still says needs_vit; its image bytes are gone by
+        # then, and the embedding is valid while the request holds its reference.
+        self.done: OrderedDict[int, None] = OrderedDict()
         self.stats = VitStats()
 
     def handle(self, msg: tuple) -> None:
@@ -60,7 +59,7 @@ class VisualServer:
             return
         left = set()
         for ref in req.images:
-            if not ref.needs_vit:
+            if not ref.needs_vit or ref.record_id in self.done:
                 continue
             left.add(ref.record_id)
             if ref.record_id not in self.waiters:
@@ -72,66 +71,37 @@ class VisualServer:
         else:
             self.to_router.send(("req", req))
 
-    def has_work(self) -> bool:
-        return bool(self.jobs)
+    def dispatch(self) -> None:
+        """Give each idle worker group the next batch of images."""
+        for w in self.workers:
+            if not self.jobs:
+                return
+            if not w.busy:
+                w.dispatch([self.jobs.popleft() for _ in range(min(self.batch_size, len(self.jobs)))])
 
-    def run_batch(self) -> None:
-        batch = [self.jobs.popleft() for _ in range(min(self.batch_size, len(self.jobs)))]
-        t0 = time.perf_counter()
-        tiles, ok = [], []
-        for ref in batch:
-            try:
-                tiles.append(self._tiles(ref))
-                ok.append(ref)
-            except (ImageError, FileNotFoundError, ValueError) as e:
-                self._fail(ref.record_id, f"image could not be encoded: {e}")
-        if not ok:
-            return
-        feats = self.encoders.encode(torch.cat(tiles))
-        feats = feats.reshape(-1, feats.shape[-1])
-        start = 0
-        done = []
-        for ref in ok:
-            rows = feats[start:start + ref.n_tokens]
-            start += ref.n_tokens
-            if self._write(ref, rows):
-                done.append(ref.record_id)
-            else:
-                self._fail(ref.record_id, "image record was evicted before its embedding was written")
-        self.cache.mark_embedding(done)
+    def collect(self) -> None:
+        for w in self.workers:
+            result = w.poll()
+            if result is not None:
+                self._finish(result)
+
+    def _finish(self, res: BatchResult) -> None:
+        for record_id, message in res.failed:
+            self._fail(record_id, message)
+        if res.done:
+            self.cache.mark_embedding(res.done)
         s = self.stats
         s.batches += 1
-        s.images += len(ok)
-        s.tiles += sum(t.shape[0] for t in tiles)
-        s.seconds += time.perf_counter() - t0
-        s.batch_sizes[len(ok)] = s.batch_sizes.get(len(ok), 0) + 1
-        for rid in done:
+        s.images += len(res.done)
+        s.tiles += res.tiles
+        s.preprocess_s += res.preprocess_s
+        s.encode_s += res.encode_s
+        s.batch_sizes[len(res.done)] = s.batch_sizes.get(len(res.done), 0) + 1
+        for rid in res.done:
+            self.done[rid] = None
+            if len(self.done) > MAX_REMEMBERED_DONE:
+                self.done.popitem(last=False)
             self._resolve(rid)
-
-    def _tiles(self, ref: ImageRef) -> torch.Tensor:
-        seg = shm.attach(ref.img_name)
-        try:
-            data = bytes(seg.buf[:ref.img_bytes])
-        finally:
-            seg.close()
-        tiles = preprocess_image(load_image(data), max_num=ref.max_patch, min_num=self.min_patch,
-                                 use_thumbnail=self.use_thumbnail)
-        expected = ref.n_tokens // self.encoders.tokens_per_tile
-        if tiles.shape[0] != expected:
-            raise ValueError(f"image gave {tiles.shape[0]} tiles, the prompt reserved {expected}")
-        return tiles
-
-    @staticmethod
-    def _write(ref: ImageRef, rows: torch.Tensor) -> bool:
-        try:
-            seg = shm.attach(ref.emb_name)
-        except FileNotFoundError:
-            return False
-        try:
-            shm.tensor_view(seg, tuple(rows.shape), rows.dtype).copy_(rows.cpu())
-        finally:
-            seg.close()
-        return True
 
     def _resolve(self, record_id: int) -> None:
         for req_id in self.waiters.pop(record_id, []):
@@ -150,41 +120,107 @@ class VisualServer:
 
     def metrics(self) -> dict:
         s = self.stats
-        return {"vit_batches": s.batches, "vit_images": s.images, "vit_tiles": s.tiles, "vit_seconds": s.seconds,
-                "vit_batch_sizes": dict(s.batch_sizes), "vit_queue": len(self.jobs)}
+        return {"vit_batches": s.batches, "vit_images": s.images, "vit_tiles": s.tiles,
+                "vit_seconds": s.preprocess_s + s.encode_s, "vit_preprocess_seconds": s.preprocess_s,
+                "vit_encode_seconds": s.encode_s, "vit_batch_sizes": dict(s.batch_sizes), "vit_queue": len(self.jobs)}
 
 
 def serve_forever(server: VisualServer, from_http: Connection, to_http: Connection) -> None:
     last_stats = 0.0
+    worker_conns = [w.conn for w in server.workers if w.conn is not None]
     while True:
-        for conn in wait([from_http], 0 if server.has_work() else STATS_INTERVAL_S):
-            while conn.poll():
-                try:
-                    server.handle(conn.recv())
-                except EOFError:
-                    return
-        if server.has_work():
-            server.run_batch()
+        idle_ready = server.jobs and any(not w.busy for w in server.workers)
+        for conn in wait([from_http, *worker_conns], 0 if idle_ready else STATS_INTERVAL_S):
+            if conn is from_http:
+                while conn.poll():
+                    try:
+                        server.handle(conn.recv())
+                    except EOFError:
+                        return
+        server.collect()
+        server.dispatch()
+        server.collect()  # a local worker finishes inside dispatch
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
             to_http.send(("stats", server.metrics()))
             last_stats = now
 
 
-def run_visual(ready, args, from_http: Connection, to_router: Connection, to_http: Connection,
-               cache_socket: str) -> None:
-    """Process entry: load the vision encoder, connect to the cache, report ready, serve."""
+# ---------------------------------------------------------------------------------------
+# Process entries
+
+
+def _load_encoder(args, tp=None):
     from ..models.internvl.config import load_config
+    from ..models.internvl.model import load_sharded_weights
     from ..models.internvl.vision import VisionEncoder
-    from ..models.internvl.weights import load_weights
     from ..pipeline import resolve_dtype
 
+    import torch
+
     device = args.resolved_device
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     cfg = load_config(args.model_dir)
-    dtype = resolve_dtype(args.data_type or "auto", device, cfg.torch_dtype)
-    weights = load_weights(args.model_dir, cfg, device=device, dtype=dtype, progress=False, components=("vision",))
-    pool = EncoderPool(VisionEncoder(cfg, weights), cfg.image_tokens_per_tile)
-    server = VisualServer(pool, CacheClient(cache_socket), to_router, args.visual_infer_batch_size,
-                          cfg.min_dynamic_patch, cfg.use_thumbnail)
+    dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)
+    weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("vision",), progress=False)
+    return cfg, VisionEncoder(cfg, weights, tp=tp)
+
+
+def _runner(cfg, encoder, tp=None) -> VitRunner:
+    encode = tp_encode(encoder, tp) if tp is not None and tp.size > 1 else encoder.encode
+    return VitRunner(encode, cfg.image_tokens_per_tile, cfg.min_dynamic_patch, cfg.use_thumbnail)
+
+
+def _join_group(args, dp_rank: int, tp_rank: int, init_method: str):
+    """Pick this rank's GPU (group-major) and join the group's tensor-parallel process group."""
+    import torch
+
+    from ..engine.tp import init_tp
+
+    if args.resolved_device == "cuda":
+        torch.cuda.set_device((dp_rank * args.visual_tp + tp_rank) % torch.cuda.device_count())
+    tp = init_tp(tp_rank, args.visual_tp, init_method)
+    if args.resolved_device == "cuda":  # init_tp picks rank % devices; groups after the first sit further on
+        torch.cuda.set_device((dp_rank * args.visual_tp + tp_rank) % torch.cuda.device_count())
+    return tp
+
+
+def run_vit_leader(ready, args, dp_rank: int, init_method: str, jobs: Connection, results: Connection) -> None:
+    """A worker group's rank 0 in its own process: batches in, BatchResults out."""
+    tp = _join_group(args, dp_rank, 0, init_method)
+    cfg, encoder = _load_encoder(args, tp)
+    runner = _runner(cfg, encoder, tp)
+    ready()
+    try:
+        while True:
+            try:
+                refs = jobs.recv()
+            except EOFError:
+                return
+            results.send(runner.process(refs))
+    finally:
+        if tp.size > 1:
+            import torch
+
+            tp.broadcast(torch.tensor([-1], dtype=torch.int64, device=encoder.device))
+
+
+def run_vit_follower(ready, args, dp_rank: int, tp_rank: int, init_method: str) -> None:
+    tp = _join_group(args, dp_rank, tp_rank, init_method)
+    cfg, encoder = _load_encoder(args, tp)
+    ready()
+    tp_follow(encoder, tp, cfg.vision.image_size)
+
+
+def run_visual(ready, args, from_http: Connection, to_router: Connection, to_http: Connection, cache_socket: str,
+               remote: list[tuple[Connection, Connection]]) -> None:
+    """The visual server. With `remote` worker pipes it only schedules; otherwise it runs the ViT itself."""
+    if remote:
+        workers = [RemoteWorker(to_w, from_w) for to_w, from_w in remote]
+    else:
+        cfg, encoder = _load_encoder(args)
+        workers = [LocalWorker(_runner(cfg, encoder))]
+    server = VisualServer(workers, CacheClient(cache_socket), to_router, args.visual_infer_batch_size)
     ready()
     serve_forever(server, from_http, to_http)

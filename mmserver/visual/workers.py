@@ -1,20 +1,163 @@
-"""Where the ViT runs: in the visual server's own process (one worker), or in
-`visual_dp` worker groups of `visual_tp` ranks each."""
+"""Where the ViT runs: `visual_dp` groups of `visual_tp` ranks.
+
+A group leader takes a batch of image records, preprocesses them, runs the encoder (its
+tensor-parallel followers run the same tiles, sent by broadcast) and writes each image's
+embedding into its shared-memory segment. With one group of one rank the leader is a plain
+object inside the visual server's process; otherwise each leader is a process of its own.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Callable
+
 import torch
 
-from ..models.internvl.vision import VisionEncoder
+from ..embed_cache import shm
+from ..models.internvl.preprocess import ImageError, load_image, preprocess_image
+from ..router.messages import ImageRef
 
 
-class EncoderPool:
-    """One in-process encoder; the interface the visual server uses for any layout."""
+@dataclass
+class BatchResult:
+    done: list[int] = field(default_factory=list)  # record ids whose embedding is written
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (record id, reason)
+    tiles: int = 0
+    preprocess_s: float = 0.0
+    encode_s: float = 0.0
 
-    def __init__(self, encoder: VisionEncoder, tokens_per_tile: int, max_tiles: int = 64):
-        self.encoder = encoder
+
+class VitRunner:
+    """Preprocess → encode → write, for one group leader."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_tile: int, min_patch: int,
+                 use_thumbnail: bool):
+        self.encode = encode
         self.tokens_per_tile = tokens_per_tile
-        self.max_tiles = max_tiles
+        self.min_patch = min_patch
+        self.use_thumbnail = use_thumbnail
 
-    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.encoder.encode(tiles, max_batch=self.max_tiles)
+    def process(self, refs: list[ImageRef]) -> BatchResult:
+        res = BatchResult()
+        t0 = time.perf_counter()
+        tiles, ok = [], []
+        for ref in refs:
+            try:
+                tiles.append(self._tiles(ref))
+                ok.append(ref)
+            except (ImageError, FileNotFoundError, ValueError) as e:
+                res.failed.append((ref.record_id, f"image could not be encoded: {e}"))
+        t1 = time.perf_counter()
+        res.preprocess_s = t1 - t0
+        if not ok:
+            return res
+        batch = torch.cat(tiles)
+        res.tiles = batch.shape[0]
+        feats = self.encode(batch)
+        feats = feats.reshape(-1, feats.shape[-1]).cpu()  # one device→host copy for the whole batch
+        res.encode_s = time.perf_counter() - t1
+        start = 0
+        for ref in ok:
+            rows = feats[start:start + ref.n_tokens]
+            start += ref.n_tokens
+            if _write(ref, rows):
+                res.done.append(ref.record_id)
+            else:
+                res.failed.append((ref.record_id, "image record was evicted before its embedding was written"))
+        return res
+
+    def _tiles(self, ref: ImageRef) -> torch.Tensor:
+        seg = shm.attach(ref.img_name)
+        try:
+            data = bytes(seg.buf[:ref.img_bytes])
+        finally:
+            seg.close()
+        tiles = preprocess_image(load_image(data), max_num=ref.max_patch, min_num=self.min_patch,
+                                 use_thumbnail=self.use_thumbnail)
+        expected = ref.n_tokens // self.tokens_per_tile
+        if tiles.shape[0] != expected:
+            raise ValueError(f"image gave {tiles.shape[0]} tiles, the prompt reserved {expected}")
+        return tiles
+
+
+def _write(ref: ImageRef, rows: torch.Tensor) -> bool:
+    try:
+        seg = shm.attach(ref.emb_name)
+    except FileNotFoundError:
+        return False
+    try:
+        shm.tensor_view(seg, tuple(rows.shape), rows.dtype).copy_(rows)
+    finally:
+        seg.close()
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Workers as the visual server sees them
+
+
+class LocalWorker:
+    """The group leader lives in the visual server's process: dispatch runs the batch."""
+
+    def __init__(self, runner: VitRunner):
+        self.runner = runner
+        self.busy = False
+        self._result: BatchResult | None = None
+
+    def dispatch(self, refs: list[ImageRef]) -> None:
+        self._result = self.runner.process(refs)
+
+    def poll(self) -> BatchResult | None:
+        result, self._result = self._result, None
+        return result
+
+    @property
+    def conn(self) -> Connection | None:
+        return None
+
+
+class RemoteWorker:
+    """A group leader in its own process, fed over a pipe."""
+
+    def __init__(self, to_worker: Connection, from_worker: Connection):
+        self.to_worker = to_worker
+        self.conn = from_worker
+        self.busy = False
+
+    def dispatch(self, refs: list[ImageRef]) -> None:
+        self.busy = True
+        self.to_worker.send(refs)
+
+    def poll(self) -> BatchResult | None:
+        if not self.conn.poll():
+            return None
+        self.busy = False
+        return self.conn.recv()
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor parallelism inside a group: the leader broadcasts each tile batch.
+
+
+def tp_encode(encoder, tp) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Leader-side encode: send the tiles to the followers, then run our shard."""
+
+    def encode(tiles: torch.Tensor) -> torch.Tensor:
+        tiles = tiles.to(encoder.device, encoder.dtype)
+        tp.broadcast(torch.tensor([tiles.shape[0]], dtype=torch.int64, device=encoder.device))
+        tp.broadcast(tiles.contiguous())
+        return encoder.encode(tiles)
+
+    return encode
+
+
+def tp_follow(encoder, tp, image_size: int) -> None:
+    """Follower: encode whatever the leader broadcasts until it sends -1."""
+    while True:
+        n = int(tp.broadcast(torch.empty(1, dtype=torch.int64, device=encoder.device)).item())
+        if n < 0:
+            return
+        tiles = tp.broadcast(torch.empty((n, 3, image_size, image_size), dtype=encoder.dtype, device=encoder.device))
+        encoder.encode(tiles)

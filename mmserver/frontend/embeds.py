@@ -1,0 +1,73 @@
+"""Precomputed image embeddings as input, in place of an image.
+
+An embeddings input is one float tensor `[n_tokens, hidden]`: the rows that the model's
+own ViT + projector would produce for an image (`hidden` is the LLM's hidden size), with
+`n_tokens` a positive multiple of the image length (tokens per tile, 256 for real models),
+so it stands for `n_tokens / image_length` tiles. Any float dtype is accepted and cast to
+the model's dtype. Over HTTP it travels as the base64 of a safetensors file holding
+exactly that one tensor; in the pipeline it is a torch tensor or any DLPack tensor.
+
+The server and the pipeline validate with the same functions here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import torch
+
+
+class EmbedsError(ValueError):
+    """An embeddings input that cannot stand for an image (wrong shape, dtype or file)."""
+
+
+def is_tensor(obj: Any) -> bool:
+    """A torch tensor or anything that speaks DLPack (numpy, cupy, jax, …)."""
+    return isinstance(obj, torch.Tensor) or hasattr(obj, "__dlpack__")
+
+
+def as_torch(obj: Any, index: int) -> torch.Tensor:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    try:
+        return torch.from_dlpack(obj)
+    except Exception as e:  # DLPack producers raise assorted types
+        raise EmbedsError(f"embeds {index}: cannot read as a tensor via DLPack ({type(e).__name__}: {e})") from None
+
+
+def check(t: torch.Tensor, index: int, tokens_per_tile: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Validate `[k·tokens_per_tile, hidden]`, float and finite; return it in `dtype`, contiguous."""
+    rows_ok = t.ndim == 2 and t.shape[0] > 0 and t.shape[0] % tokens_per_tile == 0
+    if not rows_ok or t.shape[1] != hidden:
+        raise EmbedsError(f"embeds {index}: shape {tuple(t.shape)} is not [k·{tokens_per_tile}, {hidden}]")
+    if not t.is_floating_point():
+        raise EmbedsError(f"embeds {index}: dtype {t.dtype} is not a float type")
+    if not bool(torch.isfinite(t).all()):
+        raise EmbedsError(f"embeds {index}: contains NaN or infinity")
+    return t.to(dtype).contiguous()
+
+
+def num_tiles(t: torch.Tensor, tokens_per_tile: int) -> int:
+    return t.shape[0] // tokens_per_tile
+
+
+def b64decode(data: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise EmbedsError(f"embeds {index}: invalid base64 data ({e})") from None
+
+
+def from_safetensors(raw: bytes, index: int) -> torch.Tensor:
+    """The single tensor of a safetensors file's bytes."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(raw)
+    except Exception as e:  # the parser raises its own error types
+        raise EmbedsError(f"embeds {index}: not a safetensors file ({type(e).__name__}: {e})") from None
+    if len(tensors) != 1:
+        raise EmbedsError(f"embeds {index}: the safetensors file holds {len(tensors)} tensors; expected exactly one")
+    return next(iter(tensors.values()))
