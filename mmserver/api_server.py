@@ -91,17 +91,20 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
-    from .frontend.intake import Intake, IntakeLimits
+    from .frontend.intake import EmbedsInput, Intake, IntakeLimits
     from .frontend.streams import Streams
     from .http.server import AppState, build_app
+    from .pipeline import resolve_dtype
 
     loop = asyncio.get_running_loop()
     session = aiohttp.ClientSession()
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
     max_req_len = ends["router_info"]["max_req_len"]
+    model_dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)  # as the router's
     intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
                     IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
-                                 max_req_len, args.cache_wait_s), cache, session)
+                                 max_req_len, args.cache_wait_s), cache, session,
+                    EmbedsInput(cluster.prefix, model_dtype))
     streams = Streams(tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 

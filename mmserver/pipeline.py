@@ -1,32 +1,51 @@
 """Offline, in-process API in the style of LMDeploy's `pipeline()`.
 
     pipe = pipeline(model_dir, device="cpu", dtype="float32")
-    r = pipe.generate("<image>\\nDescribe.", images=[img], gen_config=GenerationConfig(max_new_tokens=32))
-    r = pipe(("describe this image", img))     # the model's chat template is applied
+    pipe(("describe this image", img)).text            # the model's chat template is applied
+    pipe(("compare them", [img1, img2]))               # "Image-1: <image>\\nImage-2: <image>\\n…"
+    pipe([("a", img1), "text only"])                   # a batch (with a progress bar)
+    pipe([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                       {"type": "text", "text": "describe"}]}])   # OpenAI messages
+    sess = pipe.chat(("describe", img)); sess = pipe.chat("and the colors?", session=sess)
+    for out in pipe.stream_infer(("describe", img)): print(out.text, end="")
+    pipe.generate("<image>\\nDescribe.", images=[img])  # a raw prompt: no template
 
-The model code and the engine are the ones the server's workers run.
+An image is a PIL image, a path, bytes, an http(s) or `data:image/…;base64,` URL, or a
+`[n_tokens, hidden]` embeddings tensor (torch, or any DLPack tensor) that stands in for it
+(see `frontend/embeds.py`). The model code and the engine are the ones the server's
+workers run.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
+import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .engine.engine import Engine, EngineConfig
 from .engine.sampling import SamplingParams
+from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
-from .models.internvl.preprocess import load_image, preprocess_image
 from .models.internvl.config import stop_token_ids
-from .models.internvl.prompt import SpecialIds, build_input_ids, get_template, question_with_images
+from .models.internvl.preprocess import ImageError, load_image, preprocess_image
+from .models.internvl.prompt import (IMAGE_PLACEHOLDER, PromptError, SpecialIds, build_input_ids, get_template,
+                                     question_with_images)
 from .models.registry import load_model
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_PLACEHOLDER  # "<image>": place images yourself in the text of (text, images)
+URL_TIMEOUT_S = 10.0
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# generation_config.json fields that set this pipeline's default GenerationConfig
+_CHECKPOINT_DEFAULTS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
 
 @dataclass
@@ -47,6 +66,14 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     logprobs: bool = False
 
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike) -> "GenerationConfig":
+        """The defaults, with the sampling fields the checkpoint's generation_config.json sets
+        (as transformers does: a temperature there without `do_sample: true` stays greedy)."""
+        path = Path(model_dir) / "generation_config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(**{k: raw[k] for k in _CHECKPOINT_DEFAULTS if raw.get(k) is not None})
+
     def sampling_params(self, stop_token_ids: list[int]) -> SamplingParams:
         names = {f.name for f in fields(SamplingParams)}
         kwargs = {k: v for k, v in self.__dict__.items() if k in names}
@@ -59,9 +86,10 @@ class GenerationConfig:
 class Response:
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: str | None
     prompt_tokens: int
     logprobs: list[float] | None = None
+    index: int = 0  # which input of a batch
 
     @property
     def generate_token_len(self) -> int:  # LMDeploy's name
@@ -70,6 +98,56 @@ class Response:
     @property
     def input_token_len(self) -> int:  # LMDeploy's name
         return self.prompt_tokens
+
+
+@dataclass
+class StreamResponse:
+    """One step of `stream_infer` for one input: what is new since that input's last step."""
+
+    text: str  # new text (may be "" while a character or a possible stop string is incomplete)
+    token_ids: list[int]  # new token ids
+    finish_reason: str | None  # None until the input's last step
+    index: int  # which input
+    prompt_tokens: int
+    generated_tokens: int  # so far, this step included
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class Message:
+    """One chat turn: content parts for the chat template, and the images they place."""
+
+    role: str
+    parts: list[dict]  # {"type": "text", "text": ...} | {"type": "image"} (rendered "<image>\n")
+    images: list["ImageInput"] = field(default_factory=list)
+
+
+@dataclass
+class ImageInput:
+    source: Any  # PIL image, path, bytes, URL, or an embeddings tensor
+    max_patch: int | None = None  # this image's tile cap; None: the GenerationConfig's
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation for `Pipeline.chat`: every turn (images included) and the
+    last response."""
+
+    messages: list[Message] = field(default_factory=list)
+    response: Response | None = None
+
+
+@dataclass
+class _Visual:
+    tiles: int
+    pixels: torch.Tensor | None = None  # [tiles, 3, 448, 448] of an image, encoded by the engine
+    embeds: torch.Tensor | None = None  # [tiles · image length, hidden] given by the caller
+
+
+@dataclass
+class _Prepared:
+    ids: list[int]
+    visuals: list[_Visual]
 
 
 def resolve_device(device: str) -> str:
@@ -102,27 +180,49 @@ class Pipeline:
         cfg = load_config(self.model_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
+        self.progress = progress
         self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress)
         self.cfg = self.model.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.template = get_template(self.cfg.template)
         self.stop_token_ids = stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
-        self.default_gen_config = GenerationConfig()
+        self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
+        self.fetch_timeout = URL_TIMEOUT_S
         self.engine = Engine(self.model.llm, engine_config or EngineConfig(), self.special.img_context,
                              encode_images=self.model.vision.encode)
 
     # ----------------------------------------------------------------------------------
+    # Public API
 
-    def prepare(self, prompt: str, images: Sequence[Any] = (), max_patches: int = -1) -> tuple[list[int], list[torch.Tensor]]:
-        """Tokenize a raw prompt with `<image>` placeholders and preprocess its images."""
-        cap = self.cfg.max_dynamic_patch if max_patches is None or max_patches < 0 else max(1, max_patches)
-        pixels = [preprocess_image(load_image(img, i), max_num=cap, min_num=self.cfg.min_dynamic_patch,
-                                   use_thumbnail=self.cfg.use_thumbnail)
-                  for i, img in enumerate(images)]
-        ids = build_input_ids(self.tokenizer, prompt, [p.shape[0] for p in pixels], self.model.tokens_per_tile,
-                              self.special)
-        return ids, pixels
+    def __call__(self, inputs: Any, gen_config: GenerationConfig | None = None) -> Response | list[Response]:
+        """`text`, `(text, image)`, `(text, [images])` or OpenAI-format messages (one
+        conversation), or a list of those (a batch); the model's chat template is applied."""
+        batch = _is_batch(inputs)
+        items = inputs if batch else [inputs]
+        gen = gen_config or self.default_gen_config
+        results = self._collect(self._submit([self._render(self._conversation(x)) for x in items], gen), gen,
+                                progress=batch)
+        return results if batch else results[0]
+
+    def stream_infer(self, inputs: Any, gen_config: GenerationConfig | None = None) -> Iterator[StreamResponse]:
+        """As `__call__`, but yields each generated token's `StreamResponse` as it comes
+        (inputs of a batch interleave; `.index` says which)."""
+        items = inputs if _is_batch(inputs) else [inputs]
+        gen = gen_config or self.default_gen_config
+        return self._submit([self._render(self._conversation(x)) for x in items], gen)
+
+    def chat(self, prompt: str | tuple, session: Session | None = None,
+             gen_config: GenerationConfig | None = None) -> Session:
+        """One more turn of a conversation: `prompt` is `text` or `(text, images)`. Returns
+        the session (updated in place), whose `.response` is this turn's answer."""
+        session = session if session is not None else Session()
+        messages = session.messages + self._conversation(prompt)
+        gen = gen_config or self.default_gen_config
+        response = self._collect(self._submit([self._render(messages)], gen), gen, progress=False)[0]
+        session.messages = messages + [Message("assistant", [{"type": "text", "text": response.text}])]
+        session.response = response
+        return session
 
     def generate(self, prompts: str | list[str], images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
                  gen_config: GenerationConfig | None = None) -> Response | list[Response]:
@@ -135,64 +235,189 @@ class Pipeline:
             image_lists = [images] if single else list(images)  # type: ignore[list-item]
         if len(image_lists) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(image_lists)} image lists")
-        results = self._run(prompt_list, image_lists, gen_config or self.default_gen_config)
+        gen = gen_config or self.default_gen_config
+        requests = [(p, [ImageInput(x) for x in imgs]) for p, imgs in zip(prompt_list, image_lists)]
+        results = self._collect(self._submit(requests, gen), gen, progress=False)
         return results[0] if single else results
 
-    def __call__(self, inputs: Any, gen_config: GenerationConfig | None = None) -> Response | list[Response]:
-        """`(text, image)`, `(text, [images])`, a text, or a list of those; chat template applied."""
-        batch = isinstance(inputs, list) and inputs and not isinstance(inputs[0], dict)
-        items = inputs if batch else [inputs]
-        prompts, image_lists = zip(*(self._chat_prompt(item) for item in items))
-        results = self._run(list(prompts), list(image_lists), gen_config or self.default_gen_config)
-        return results if batch else results[0]
+    def prepare(self, prompt: str, images: Sequence[Any] = (), max_patches: int = -1) -> tuple[list[int], list[torch.Tensor]]:
+        """Tokenize a raw prompt with `<image>` placeholders and preprocess its images: the ids
+        and each image's pixel tiles (an embeddings input adds ids but no tiles)."""
+        p = self._prepare(prompt, [ImageInput(x) for x in images], max_patches)
+        return p.ids, [v.pixels for v in p.visuals if v.pixels is not None]
 
-    def _chat_prompt(self, item: Any) -> tuple[str, list[Any]]:
+    # ----------------------------------------------------------------------------------
+    # Inputs → conversations → prompts
+
+    def _conversation(self, item: Any) -> list[Message]:
         if isinstance(item, str):
-            text, imgs = item, []
-        elif isinstance(item, tuple):
-            text, imgs = item[0], item[1] if len(item) > 1 else []
-            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-        else:
-            raise TypeError(f"unsupported input {type(item).__name__}; use text, (text, image) or (text, [images])")
-        prompt = self.template.render([{"role": "user", "content": question_with_images(text, len(imgs))}],
-                                      self.cfg.system_message)
-        return prompt, imgs
+            return [_user_turn(item, [])]
+        if isinstance(item, tuple):
+            imgs = item[1] if len(item) > 1 else []
+            return [_user_turn(item[0], list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])]
+        if isinstance(item, list) and all(isinstance(m, dict) for m in item):
+            return [_openai_message(m, i) for i, m in enumerate(item)]
+        raise TypeError(f"unsupported input {type(item).__name__}; use text, (text, image), (text, [images]) "
+                        "or a list of OpenAI-format messages")
 
-    def _run(self, prompts: list[str], image_lists: list[Sequence[Any]], gen: GenerationConfig) -> list[Response]:
+    def _render(self, messages: list[Message]) -> tuple[str, list[ImageInput]]:
+        prompt = self.template.render([{"role": m.role, "content": m.parts} for m in messages],
+                                      self.cfg.system_message)
+        return prompt, [img for m in messages for img in m.images]
+
+    def _prepare(self, prompt: str, images: list[ImageInput], max_patches: int | None) -> _Prepared:
+        cap = self.cfg.max_dynamic_patch if max_patches is None or max_patches < 0 else max(1, max_patches)
+        visuals = [self._visual(img, i, cap) for i, img in enumerate(images)]
+        ids = build_input_ids(self.tokenizer, prompt, [v.tiles for v in visuals], self.model.tokens_per_tile,
+                              self.special)
+        return _Prepared(ids, visuals)
+
+    def _visual(self, img: ImageInput, index: int, cap: int) -> _Visual:
+        tokens_per_tile = self.model.tokens_per_tile
+        if embeds_io.is_tensor(img.source):
+            rows = embeds_io.check(embeds_io.as_torch(img.source, index), index, tokens_per_tile,
+                                   self.cfg.llm.hidden_size, self.dtype)
+            return _Visual(embeds_io.num_tiles(rows, tokens_per_tile), embeds=rows)
+        pixels = preprocess_image(load_image(self._fetch(img.source, index), index), max_num=img.max_patch or cap,
+                                  min_num=self.cfg.min_dynamic_patch, use_thumbnail=self.cfg.use_thumbnail)
+        return _Visual(pixels.shape[0], pixels=pixels)
+
+    def _fetch(self, source: Any, index: int) -> Any:
+        """The bytes of an http(s) or data: URL; any other source as it is."""
+        if not isinstance(source, str) or not source.startswith(("http://", "https://", "data:")):
+            return source
+        try:
+            if source.startswith("data:"):
+                return base64.b64decode(source.partition(",")[2], validate=True)
+            with urllib.request.urlopen(source, timeout=self.fetch_timeout) as r:
+                return r.read()
+        except Exception as e:  # urllib and base64 raise many types; the message names the image
+            raise ImageError(f"image {index}: cannot read {source[:100]!r} ({type(e).__name__}: {e})") from None
+
+    # ----------------------------------------------------------------------------------
+    # Generation
+
+    def _submit(self, requests: list[tuple[str, list[ImageInput]]], gen: GenerationConfig) -> Iterator[StreamResponse]:
+        """Validate and prepare every request now (so a bad one fails before any runs), then
+        return the generator that runs them."""
         params = gen.sampling_params(self.stop_token_ids)
         params.validate()
-        pending: dict[int, dict[str, Any]] = {}
+        prepared = [self._prepare(prompt, imgs, gen.image_max_patch_num) for prompt, imgs in requests]
+        return self._generate(prepared, params, gen)
+
+    def _generate(self, prepared: list[_Prepared], params: SamplingParams,
+                  gen: GenerationConfig) -> Iterator[StreamResponse]:
+        live: dict[int, _Live] = {}
         try:
-            for prompt, imgs in zip(prompts, image_lists):
-                ids, pixels = self.prepare(prompt, imgs, gen.image_max_patch_num)
-                rid = self.engine.add_request(ids, _copy_params(params), pixel_values=pixels or None)
-                pending[rid] = {"prompt_tokens": len(ids), "ids": [], "logprobs": [], "reason": None,
-                                "detok": IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens,
-                                                                list(gen.stop_sequences))}
-            order = list(pending)
-            while any(p["reason"] is None for p in pending.values()):
+            for index, p in enumerate(prepared):
+                rid = self.engine.add_request(p.ids, _copy_params(params), **self._image_inputs(p.visuals))
+                detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences))
+                live[rid] = _Live(index, len(p.ids), detok)
+            while live:
                 for out in self.engine.step():
-                    p = pending[out.req_id]
-                    p["ids"].append(out.token_id)
-                    p["logprobs"].append(out.logprob)
-                    p["detok"].push(out.token_id)
-                    if p["detok"].stopped and not out.finished:
-                        self.engine.abort(out.req_id, "stop")
-                        p["reason"] = "stop"
-                    elif out.finished:
-                        p["reason"] = out.finish_reason
-        finally:
-            for rid in pending:  # an exception mid-batch must not leak KV slots
+                    yield self._advance(live, out, gen.logprobs)
+        finally:  # an exception, or a consumer that stops early, must not leak KV slots
+            for rid in live:
                 self.engine.abort(rid)
-        results = []
-        for rid in order:
-            p = pending[rid]
-            detok = p["detok"]
-            if not detok.stopped:
-                detok.flush()
-            results.append(Response(detok.text, p["ids"], p["reason"], p["prompt_tokens"],
-                                    p["logprobs"] if gen.logprobs else None))
-        return results
+
+    def _image_inputs(self, visuals: list[_Visual]) -> dict[str, Any]:
+        """Pixels for the engine to encode (batched with other requests' images), or, when
+        embeddings were given, every image's rows in order."""
+        if all(v.embeds is None for v in visuals):
+            return {"pixel_values": [v.pixels for v in visuals] or None}
+        hidden = self.cfg.llm.hidden_size
+        rows = [v.embeds.to(self.device) if v.embeds is not None
+                else self.engine.encode_images(v.pixels).reshape(-1, hidden) for v in visuals]
+        return {"image_embeds": torch.cat(rows)}
+
+    def _advance(self, live: dict[int, "_Live"], out, want_logprobs: bool) -> StreamResponse:
+        st = live[out.req_id]
+        st.count += 1
+        text = st.detok.push(out.token_id)
+        reason = None
+        if st.detok.stopped and not out.finished:  # a stop string: the engine cannot see those
+            self.engine.abort(out.req_id, "stop")
+            reason = "stop"
+        elif out.finished:
+            reason = out.finish_reason
+        if reason is not None:
+            if not st.detok.stopped:
+                text += st.detok.flush()
+            del live[out.req_id]
+        return StreamResponse(text, [out.token_id], reason, st.index, st.prompt_tokens, st.count,
+                              [out.logprob] if want_logprobs else None)
+
+    def _collect(self, stream: Iterator[StreamResponse], gen: GenerationConfig, progress: bool) -> list[Response]:
+        results: dict[int, Response] = {}
+        with contextlib.closing(stream), tqdm(desc="generating", leave=False, disable=not (progress and self.progress),
+                                              unit="req") as bar:
+            for out in stream:
+                r = results.setdefault(out.index, Response("", [], None, out.prompt_tokens,
+                                                           [] if gen.logprobs else None, out.index))
+                r.text += out.text
+                r.token_ids += out.token_ids
+                if r.logprobs is not None:
+                    r.logprobs += out.logprobs
+                if out.finish_reason is not None:
+                    r.finish_reason = out.finish_reason
+                    bar.update(1)
+        return [results[i] for i in sorted(results)]
+
+
+@dataclass
+class _Live:
+    index: int
+    prompt_tokens: int
+    detok: IncrementalDetokenizer
+    count: int = 0
+
+
+def _is_batch(inputs: Any) -> bool:
+    """A list of inputs, as opposed to one conversation given as a list of message dicts."""
+    return isinstance(inputs, list) and not (inputs and all(isinstance(m, dict) for m in inputs))
+
+
+def _user_turn(text: str, images: list[Any]) -> Message:
+    # As InternVL's chat(): images before the question unless the text places them with <image>.
+    return Message("user", [{"type": "text", "text": question_with_images(text, len(images))}],
+                   [ImageInput(x) for x in images])
+
+
+def _openai_message(m: dict, index: int) -> Message:
+    """An OpenAI-format message; image parts become `<image>` where they stand."""
+    role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name
+    content = m.get("content")
+    if content is None or isinstance(content, str):
+        return Message(role, [{"type": "text", "text": content or ""}])
+    parts, images = [], []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": part.get("text", "")})
+            continue
+        images.append(_image_part(part, kind, index))
+        parts.append({"type": "image"})
+    return Message(role, parts, images)
+
+
+def _image_part(part: dict, kind: str, index: int) -> ImageInput:
+    if kind == "image_url":
+        value = part.get("image_url")
+        if isinstance(value, dict):
+            return ImageInput(value.get("url"), value.get("max_dynamic_patch"))
+        return ImageInput(value)
+    if kind == "image_data":  # LMDeploy's {"type": "image_data", "image_data": {"data": PIL image}}
+        value = part.get("image_data") or {}
+        return ImageInput(value.get("data"), value.get("max_dynamic_patch"))
+    if kind == "image_embeds":  # a tensor, or the server's base64 safetensors string
+        value = part.get(kind)
+        if isinstance(value, str):
+            value = embeds_io.from_safetensors(embeds_io.b64decode(value, index), index)
+        return ImageInput(value)
+    if kind == "image":
+        return ImageInput(part.get(kind))
+    raise PromptError(f"message {index}: content part type {kind!r} is not supported "
+                      "(use 'text', 'image_url', 'image_data', 'image' or 'image_embeds')")
 
 
 def _copy_params(params: SamplingParams) -> SamplingParams:

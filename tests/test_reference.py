@@ -123,6 +123,12 @@ def test_internlm2_matches_llama_reference(checkpoints, image_factory):
     got = p.generate(prompt, images=[image], gen_config=GenerationConfig(max_new_tokens=N_NEW, ignore_eos=True,
                                                                         image_max_patch_num=4))
     assert got.token_ids == expected
+    # The transformers layout of the same weights, read by us as a LLaMA backbone.
+    llama = pipeline(llama_hf, device="cpu", dtype="float32")
+    assert llama.cfg.llm.model_type == "llama" and llama.cfg.template == "internlm2-chat"
+    again = llama.generate(prompt, images=[image], gen_config=GenerationConfig(max_new_tokens=N_NEW, ignore_eos=True,
+                                                                              image_max_patch_num=4))
+    assert again.token_ids == expected
 
 
 def test_vit_6b_style_matches_transformers(checkpoints, image_factory):

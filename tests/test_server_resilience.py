@@ -83,3 +83,29 @@ def test_full_cache_waits_then_503_and_never_evicts_in_use(ckpt, tmp_path):
         assert srv.metrics()["mmserver_embed_cache_evictions_total"] >= 2
     finally:
         stop_server(srv)
+
+
+@pytest.mark.parametrize("case", ["bad_flag", "no_checkpoint", "bad_image_length", "worker_fails_to_load"])
+def test_startup_failure_exits_nonzero_with_cause(ckpt, tmp_path, case):
+    import shutil
+    import subprocess
+    import sys
+
+    env = None
+    if case == "bad_flag":
+        argv, want = ["--model_dir", str(ckpt), "--visual_dp", "0"], "--visual_dp must be >= 1"
+    elif case == "no_checkpoint":
+        argv, want = ["--model_dir", str(tmp_path)], "no config.json"
+    elif case == "bad_image_length":
+        argv, want = ["--model_dir", str(ckpt)], "INTERNVL_IMAGE_LENGTH=7 disagrees"
+        env = {**os.environ, "INTERNVL_IMAGE_LENGTH": "7"}
+    else:  # the config is fine, a weight shard is not: the workers fail while loading
+        broken = tmp_path / "ckpt"
+        shutil.copytree(ckpt, broken)
+        shard = sorted(broken.glob("*.safetensors"))[-1]
+        shard.write_bytes(shard.read_bytes()[:1000])
+        argv, want = ["--model_dir", str(broken), "--enable_multimodal", "--device", "cpu"], "cannot read weight file"
+    proc = subprocess.run([sys.executable, "-m", "mmserver.api_server", *argv], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert proc.returncode == 1
+    assert "start-up failed" in proc.stderr and want in proc.stderr

@@ -8,7 +8,10 @@ engine runs in-process (the pipeline) and inside the server's model worker.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,9 +19,14 @@ from typing import Callable
 import torch
 
 from ..models.llm.decoder import DecoderLM, ForwardBatch
+from .cuda_graphs import (DecodeGraphs, HostBatch, InputBuffers, PadValues, batch_bytes, graph_sizes,
+                          graphs_enabled)
 from .kv_pool import KVPool, TokenTable
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Footprint, fits
+from .tp import TPLeader, broadcast_batch
+
+log = logging.getLogger("mmserver.engine")
 
 
 class RequestError(ValueError):
@@ -32,6 +40,8 @@ class EngineConfig:
     max_req_len: int = 8192  # --max_req_total_len: prompt + new tokens
     batch_max_tokens: int = 8192  # prompt tokens prefilled per step (chunk size)
     vit_batch_tiles: int = 64  # tiles per ViT forward
+    # Replay decode steps from CUDA graphs (CUDA devices only; MMSERVER_CUDA_GRAPHS=0 also turns them off).
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -84,6 +94,16 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}
+        # Every batch's integer inputs go to the device in one copy (sized for the largest batch).
+        self._inputs = InputBuffers(self.device, batch_bytes(config.batch_max_tokens + config.max_requests,
+                                                             config.max_requests, config.max_requests))
+        # Sampled tokens and logprobs come back in one sync, through pinned buffers on CUDA.
+        pin = self.device.type == "cuda"
+        self._out_tokens = torch.empty(config.max_requests, dtype=torch.int64, pin_memory=pin)
+        self._out_logprobs = torch.empty(config.max_requests, dtype=torch.float32, pin_memory=pin)
+        self.graphs: DecodeGraphs | None = None
+        if graphs_enabled(config.cuda_graphs, self.device):
+            self.graphs = self._init_graphs()
 
     # ----------------------------------------------------------------------------------
     # Public API
@@ -132,9 +152,40 @@ class Engine:
         self._admit()
         if not self.running:
             return []
-        batch, plan = self._build_batch()
-        logits = self.llm.forward(batch, self.kv.buffer, self.table.table)
+        batch, plan, graph_size = self._build_batch()
+        if graph_size is not None:
+            logits = self.graphs.replay(graph_size, batch, len(plan))
+        else:
+            logits = self.llm.forward(batch, self.kv.buffer, self.table.table)
         return self._sample_and_update(logits, plan)
+
+    # ----------------------------------------------------------------------------------
+    # CUDA graphs
+
+    def _init_graphs(self, emulate: bool = False) -> DecodeGraphs | None:
+        """Capture the decode graphs; on failure warn and decode eagerly. `emulate` replays the
+        padded batches eagerly instead of capturing (CPU tests of everything but the graphs)."""
+        model, announce = self.llm, None
+        if isinstance(self.llm, TPLeader):  # capture the local shard; broadcast each padded batch first
+            leader = self.llm
+            model = leader.llm
+
+            def announce(b: ForwardBatch) -> None:
+                broadcast_batch(leader.tp, b, model.device, model.cfg.hidden_size, model.dtype)
+
+        sizes = graph_sizes(self.config.max_requests)
+        pad = PadValues(self.kv.scratch_slot, self.table.scratch_row, self.table.flat_index(self.table.scratch_row, 0))
+        start = time.perf_counter()
+        try:
+            graphs = DecodeGraphs(model, self.kv.buffer, self.table.table, sizes, self.config.max_req_len, pad,
+                                  announce)
+            graphs.capture(emulate=emulate)
+        except Exception:  # never fatal: the eager path serves the same requests
+            log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+            return None
+        log.info("%s decode batch sizes %s in %.2f s", "emulated" if emulate else "CUDA graphs captured for",
+                 sizes, time.perf_counter() - start)
+        return graphs
 
     # ----------------------------------------------------------------------------------
     # Scheduling
@@ -166,13 +217,12 @@ class Engine:
         if start != feats.shape[0]:
             raise RequestError(f"images produced {feats.shape[0]} embedding rows but prompts hold {start} image tokens")
 
-    def _build_batch(self) -> tuple[ForwardBatch, list[tuple[Request, bool]]]:
-        decodes = [r for r in self.running if r.num_cached >= len(r.prompt_ids)]
-        budget = max(self.config.batch_max_tokens - len(decodes), 1)
-        ids, positions, slots_all, rows, cu_q, prefix, seq, logit_rows = [], [], [], [], [0], [], [], []
-        image_parts, image_index = [], []
-        image_base = 0
-        plan: list[tuple[Request, bool]] = []
+    def _build_batch(self) -> tuple[ForwardBatch, list[tuple[Request, bool]], int | None]:
+        """Pack this step's prefill chunks and decode tokens; returns the batch, (request, produces a
+        token) per row, and the graph size to replay (None: run eagerly)."""
+        decodes = sum(1 for r in self.running if r.num_cached >= len(r.prompt_ids))
+        budget = max(self.config.batch_max_tokens - decodes, 1)
+        chunks: list[tuple[Request, int, int]] = []  # (request, first new position, new tokens)
         for r in self.running:
             start = r.num_cached
             if start < len(r.prompt_ids):
@@ -180,22 +230,37 @@ class Engine:
                     continue
                 n = min(len(r.prompt_ids) - start, budget)
                 budget -= n
-                new_ids = r.prompt_ids[start:start + n]
             else:
                 n = 1
-                new_ids = [r.output_ids[-1]]
-            slots = self.kv.alloc(n)
-            self.table.append(r.row, start, slots)
-            ids.extend(new_ids)
-            positions.extend(range(start, start + n))
-            slots_all.append(slots)
-            idx = [-1] * n
+            chunks.append((r, start, n))
+        slots = self.kv.alloc(sum(n for _, _, n in chunks)).numpy()  # one allocation for the step
+
+        width = self.table.max_len
+        ids, positions, table_index, rows, cu_q, prefix, seq, logit_rows = [], [], [], [], [0], [], [], []
+        image_parts: list[torch.Tensor] = []
+        image_index: list[int] | None = None  # built only once an image chunk shows up
+        image_base = 0
+        plan: list[tuple[Request, bool]] = []
+        for r, start, n in chunks:
+            self.table.record(r.row, start, slots[cu_q[-1]:cu_q[-1] + n])
+            if start < len(r.prompt_ids):
+                ids.extend(r.prompt_ids[start:start + n])
+                positions.extend(range(start, start + n))
+                table_index.extend(range(r.row * width + start, r.row * width + start + n))
+            else:
+                ids.append(r.output_ids[-1])
+                positions.append(start)
+                table_index.append(r.row * width + start)
+            used = None
             if r.image_embeds is not None and start < len(r.prompt_ids):
                 idx, used = self._image_index(r, start, n, image_base)
-                if used is not None:
-                    image_parts.append(used)
-                    image_base += used.shape[0]
-            image_index.extend(idx)
+            if used is not None:
+                image_index = image_index if image_index is not None else [-1] * cu_q[-1]
+                image_index.extend(idx)
+                image_parts.append(used)
+                image_base += used.shape[0]
+            elif image_index is not None:
+                image_index.extend([-1] * n)
             rows.append(r.row)
             prefix.append(start)
             seq.append(start + n)
@@ -205,26 +270,25 @@ class Engine:
             if produces:
                 logit_rows.append(cu_q[-1] - 1)
             plan.append((r, produces))
-        dev = self.device
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        max_q = max(cu_q[i + 1] - cu_q[i] for i in range(len(rows)))
-        batch = ForwardBatch(
-            input_ids=t(ids, torch.int64), positions=t(positions, torch.int64),
-            slots=torch.cat(slots_all).to(dev), req_rows=t(rows, torch.int32), cu_q=t(cu_q, torch.int32),
-            prefix_lens=t(prefix, torch.int32), seq_lens=t(seq, torch.int32), max_q_len=max_q,
-            max_seq_len=max(seq), logit_rows=t(logit_rows, torch.int64),
-            image_rows=torch.cat(image_parts).to(dev, self.llm.dtype) if image_parts else None,
-            image_index=t(image_index, torch.int32) if image_parts else None)
-        return batch, plan
+        max_q = max(n for _, _, n in chunks)
+        hb = HostBatch(input_ids=ids, positions=positions, table_index=table_index, slots=slots, req_rows=rows,
+                       cu_q=cu_q, prefix_lens=prefix, seq_lens=seq, logit_rows=logit_rows, max_q_len=max_q,
+                       max_seq_len=max(seq), image_index=image_index)
+        graph_size = None
+        if self.graphs is not None and max_q == 1 and not image_parts and len(logit_rows) == len(rows):
+            graph_size = self.graphs.bucket(len(rows))
+        if graph_size is not None:
+            batch, index = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
+        else:
+            image_rows = torch.cat(image_parts).to(self.device, self.llm.dtype) if image_parts else None
+            batch, index = self._inputs.pack(hb, image_rows)
+        self.table.write(index, batch.slots)  # before the forward: attention reads the new tokens' slots
+        return batch, plan, graph_size
 
     @staticmethod
     def _image_index(r: Request, start: int, n: int, base: int) -> tuple[list[int], torch.Tensor | None]:
         """Map this chunk's image tokens to rows of the batch's image tensor."""
-        import bisect
-
         lo = bisect.bisect_left(r.image_offsets, start)
         hi = bisect.bisect_left(r.image_offsets, start + n)
         idx = [-1] * n
@@ -240,7 +304,7 @@ class Engine:
             return []
         token_ids, logprobs = self.sampler(logits, [r.params for r in producers], [r.prompt_ids for r in producers],
                                            [r.output_ids for r in producers], [r.generator for r in producers])
-        token_ids, logprobs = token_ids.tolist(), logprobs.tolist()
+        token_ids, logprobs = self._to_host(token_ids, logprobs)
         outs = []
         for r, tok, lp in zip(producers, token_ids, logprobs):
             r.output_ids.append(tok)
@@ -250,6 +314,20 @@ class Engine:
                 self._finish(r, reason)
             outs.append(StepOutput(r.req_id, tok, lp, r.finished, r.finish_reason))
         return outs
+
+    def _to_host(self, token_ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Both results as lists with one stream sync: two async copies into pinned buffers, one wait."""
+        if not token_ids.is_cuda:
+            return token_ids.tolist(), logprobs.tolist()
+        n = token_ids.numel()
+        if n > self._out_tokens.numel():
+            self._out_tokens = torch.empty(n, dtype=torch.int64, pin_memory=True)
+            self._out_logprobs = torch.empty(n, dtype=torch.float32, pin_memory=True)
+        tok, lp = self._out_tokens[:n], self._out_logprobs[:n]
+        tok.copy_(token_ids, non_blocking=True)
+        lp.copy_(logprobs, non_blocking=True)
+        torch.cuda.current_stream(token_ids.device).synchronize()
+        return tok.tolist(), lp.tolist()
 
     def _finish_reason(self, r: Request, tok: int) -> str | None:
         p = r.params

@@ -32,6 +32,10 @@ def render_metrics(counters: Counters, router: dict, visual: dict, cache: dict, 
     lines += _line("mmserver_vit_tiles_total", visual.get("vit_tiles", 0), "Tiles encoded by the ViT", "counter")
     lines += _line("mmserver_vit_seconds_total", round(visual.get("vit_seconds", 0.0), 6),
                    "Seconds spent in ViT batches", "counter")
+    lines += _line("mmserver_vit_preprocess_seconds_total", round(visual.get("vit_preprocess_seconds", 0.0), 6),
+                   "Seconds spent decoding and tiling images", "counter")
+    lines += _line("mmserver_vit_encode_seconds_total", round(visual.get("vit_encode_seconds", 0.0), 6),
+                   "Seconds spent in the ViT forward (device time included)", "counter")
     lines += ["# HELP mmserver_vit_batches_total ViT batches by size (images)", "# TYPE mmserver_vit_batches_total counter"]
     for size, n in sorted(visual.get("vit_batch_sizes", {}).items()):
         lines.append(f'mmserver_vit_batches_total{{size="{size}"}} {n}')

@@ -112,6 +112,11 @@ def sampling_params(p: dict[str, Any], stop_token_ids: list[int]) -> SamplingPar
     return params
 
 
+def check_image_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise BadRequest(f"{n} images given; at most {limit} are allowed per request")
+
+
 def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
     if mm is None:
         return []
@@ -120,8 +125,7 @@ def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
     images = mm.get("images", [])
     if not isinstance(images, list):
         raise BadRequest("'multimodal_params.images' must be a list")
-    if len(images) > limit:
-        raise BadRequest(f"{len(images)} images given; at most {limit} are allowed per request")
+    check_image_count(len(images), limit)
     out = []
     for i, item in enumerate(images):
         if not isinstance(item, dict) or not isinstance(item.get("data"), str):

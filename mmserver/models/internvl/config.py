@@ -183,9 +183,9 @@ def load_config(model_dir: str | os.PathLike) -> InternVLConfig:
     raw = _read_json(cfg_path)
     model_type = raw.get("model_type")
     if model_type == "internvl_chat":
-        return _parse_original(raw)
+        return check_image_length(_parse_original(raw))
     if model_type == "internvl":
-        return _parse_hf(raw, model_dir)
+        return check_image_length(_parse_hf(raw, model_dir))
     raise ConfigError(
         f"config.json model_type {model_type!r} is not an InternVL checkpoint (expected 'internvl_chat' or 'internvl')"
     )
@@ -264,3 +264,23 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer, llm_eos: list[int]) 
     if not ids:
         ids = list(llm_eos)
     return sorted(set(int(i) for i in ids))
+
+
+def check_image_length(cfg: InternVLConfig) -> InternVLConfig:
+    """INTERNVL_IMAGE_LENGTH must agree with what the ViT geometry produces per tile."""
+    v = cfg.vision
+    side = v.image_size // v.patch_size
+    geometric = int(side * side * cfg.downsample_ratio**2)
+    env = os.environ.get("INTERNVL_IMAGE_LENGTH")
+    if env is None or env == "":
+        return cfg
+    try:
+        value = int(env)
+    except ValueError:
+        raise ConfigError(f"INTERNVL_IMAGE_LENGTH={env!r} is not an integer") from None
+    if value != geometric:
+        raise ConfigError(
+            f"INTERNVL_IMAGE_LENGTH={value} disagrees with the checkpoint: {v.image_size}px tiles, patch "
+            f"{v.patch_size}, downsample {cfg.downsample_ratio} give {geometric} tokens per tile"
+        )
+    return cfg

@@ -9,7 +9,7 @@ import torch
 
 from ...engine.tp import TPGroup, shard_weights
 from ..llm.decoder import DecoderLM
-from .config import ConfigError, InternVLConfig, load_config
+from .config import InternVLConfig, load_config
 from .vision import VisionEncoder
 from .weights import load_weights
 
@@ -33,7 +33,6 @@ class InternVLModel:
         """Load the checkpoint; with `tp` (size > 1) keep only this rank's shard on `device`."""
         model_dir = Path(model_dir)
         cfg = load_config(model_dir)
-        _check_image_length(cfg)
         weights = load_sharded_weights(model_dir, cfg, device, dtype, tp, progress=progress)
         return cls(cfg, weights, model_dir, tp)
 
@@ -64,22 +63,3 @@ def load_sharded_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, devi
             moved[id(t)] = t.to(device)
         weights[name] = moved[id(t)]
     return weights
-
-
-def _check_image_length(cfg: InternVLConfig) -> None:
-    """INTERNVL_IMAGE_LENGTH must agree with what the ViT geometry produces per tile."""
-    v = cfg.vision
-    side = v.image_size // v.patch_size
-    geometric = int(side * side * cfg.downsample_ratio**2)
-    env = os.environ.get("INTERNVL_IMAGE_LENGTH")
-    if env is None:
-        return
-    try:
-        value = int(env)
-    except ValueError:
-        raise ConfigError(f"INTERNVL_IMAGE_LENGTH={env!r} is not an integer") from None
-    if value != geometric:
-        raise ConfigError(
-            f"INTERNVL_IMAGE_LENGTH={value} disagrees with the checkpoint: {v.image_size}px tiles, patch "
-            f"{v.patch_size}, downsample {cfg.downsample_ratio} give {geometric} tokens per tile"
-        )

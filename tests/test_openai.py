@@ -1,0 +1,279 @@
+"""The OpenAI-compatible API and precomputed embeddings, end to end: the real server on CPU,
+the official `openai` client, compared with /generate and with the in-process pipeline."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import time
+
+import openai
+import pytest
+import torch
+from safetensors.torch import save
+
+from conftest import random_image
+from mmserver import GenerationConfig, pipeline
+from mmserver.models.internvl.preprocess import num_tiles, preprocess_image
+from server_util import image_b64, shm_segments, start_server, stop_server
+
+N = 5
+FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", "8192",
+         "--max_images_per_request", "4", "--image_fetch_timeout", "2"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoints):
+    return checkpoints("original", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return pipeline(ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    srv = start_server(ckpt, *FLAGS, log_dir=tmp_path_factory.mktemp("logs"))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def img():
+    return random_image(448, 448, 41)
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + image_b64(image)
+
+
+def image_part(image, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(image), **extra}}
+
+
+def chat(client, messages, max_tokens: int = N, **kw):
+    return client.chat.completions.create(model="any", messages=messages, max_tokens=max_tokens,
+                                          extra_body={"ignore_eos": True}, **kw)
+
+
+def generate(server, prompt: str, images=(), n: int = N) -> dict:
+    """/generate with `images` given as {"type", "data"} items or PIL images."""
+    items = [im if isinstance(im, dict) else {"type": "base64", "data": image_b64(im)} for im in images]
+    status, body = server.post("/generate", {"inputs": prompt, "multimodal_params": {"images": items},
+                                             "parameters": {"max_new_tokens": n, "ignore_eos": True,
+                                                            "return_details": True}})
+    assert status == 200, body
+    return body
+
+
+def render(pipe, messages: list[dict]) -> str:
+    return pipe.template.render(messages, pipe.cfg.system_message)
+
+
+def embeds_b64(rows: torch.Tensor) -> str:
+    return base64.b64encode(save({"embeds": rows.contiguous()})).decode()
+
+
+def vit_rows(pipe, image, max_num: int = 12) -> torch.Tensor:
+    """The embeddings the model's own ViT gives `image`: [tiles·256, hidden]."""
+    tiles = preprocess_image(image, max_num=max_num)
+    return pipe.model.vision.encode(tiles).reshape(-1, pipe.cfg.llm.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Chat completions
+
+
+def test_chat_equals_generate_and_pipeline(server, client, pipe, img):
+    r = chat(client, [{"role": "user", "content": [image_part(img), {"type": "text", "text": "What is it?"}]}])
+    want = generate(server, render(pipe, [{"role": "user", "content": "<image>\nWhat is it?"}]), [img])
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want["generated_text"][0]
+    assert choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == want["prompt_tokens"] and r.usage.completion_tokens == N
+    assert r.usage.total_tokens == want["prompt_tokens"] + N
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    # the offline pipeline, same conversation: same tokens and text
+    local = pipe(("What is it?", img), GenerationConfig(max_new_tokens=N, ignore_eos=True))
+    assert local.token_ids == [t["id"] for t in want["tokens"]]
+    assert local.text == choice.message.content and local.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_stream_equals_non_stream(server, client, pipe, img):
+    messages = [{"role": "user", "content": [image_part(img), {"type": "text", "text": "Describe."}]}]
+    whole = chat(client, messages)
+    chunks = list(chat(client, messages, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    body, usage = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in body] == [None] * (len(body) - 1) + ["length"]
+    assert usage.choices == [] and usage.usage.completion_tokens == N
+    assert usage.usage.prompt_tokens == whole.usage.prompt_tokens
+    plain = list(chat(client, messages, stream=True))  # without include_usage: no usage chunk
+    assert plain[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in plain)
+
+
+def test_two_images_two_turns(server, client, pipe):
+    a, b = random_image(300, 600, 42), random_image(500, 400, 43)
+    messages = [
+        {"role": "system", "content": "You compare pictures."},
+        {"role": "user", "content": [image_part(a), image_part(b), {"type": "text", "text": "Compare them."}]},
+        {"role": "assistant", "content": "The first is taller."},
+        {"role": "user", "content": "And the colors?"},
+    ]
+    r = client.chat.completions.create(model="any", messages=messages, max_completion_tokens=N,
+                                       extra_body={"ignore_eos": True})
+    prompt = render(pipe, [{**m, "content": c} for m, c in zip(messages, [
+        "You compare pictures.", "<image>\n<image>\nCompare them.", "The first is taller.", "And the colors?"])])
+    want = generate(server, prompt, [a, b])
+    assert r.choices[0].message.content == want["generated_text"][0]
+    assert r.usage.prompt_tokens == want["prompt_tokens"]
+
+
+def test_max_dynamic_patch_per_image(client):
+    wide = random_image(1280, 720, 44)
+    text = {"type": "text", "text": "hi"}
+    default = chat(client, [{"role": "user", "content": [image_part(wide), text]}], max_tokens=1)
+    capped = chat(client, [{"role": "user", "content": [image_part(wide, max_dynamic_patch=2), text]}], max_tokens=1)
+    fewer = num_tiles(1280, 720, max_num=12) - num_tiles(1280, 720, max_num=2)
+    assert fewer > 0 and default.usage.prompt_tokens - capped.usage.prompt_tokens == fewer * 256
+
+
+def test_no_max_tokens_fills_the_context(client, pipe):
+    """Without max_tokens the answer may use all the room the prompt leaves in max_req_total_len."""
+    def prompt_len(k: int) -> int:
+        return len(pipe.prepare(render(pipe, [{"role": "user", "content": "x" * k}]))[0])
+
+    k = 8100
+    k += 8189 - prompt_len(k)  # the tiny tokenizer: one token per "x"; leave room for 3
+    n = prompt_len(k)
+    assert 8180 < n < 8192
+    r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "x" * k}],
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 8192 - n
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_models(client, ckpt):
+    assert [m.id for m in client.models.list().data] == [ckpt.name]
+
+
+BAD = {
+    "missing_messages": ({"model": "m"}, "'messages' is required", "messages"),
+    "bad_role": ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of",
+                 "messages[0].role"),
+    "bad_image_url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "ftp://example.com/x.png"}}]}]}, "must be an http(s) URL", "messages[0].content[0].image_url.url"),
+    "unreachable_image_url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://127.0.0.1:9/x.png"}}]}]}, "image 0: cannot fetch", None),
+    "unknown_part": ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
+                     "content[0].type 'audio' is not one of", "messages[0].content[0].type"),
+    "n_2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1, got 2", "n"),
+    "bad_temperature": ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+                        "'temperature' must be a", "temperature"),
+    "unsupported_tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+                          "unsupported parameter(s): tools", "tools"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_malformed_requests(server, name):
+    body, message, param = BAD[name]
+    status, got = server.post("/v1/chat/completions", body)
+    assert status == 400, got
+    assert set(got["error"]) == {"message", "type", "param", "code"}
+    assert got["error"]["type"] == "invalid_request_error" and message in got["error"]["message"]
+    assert got["error"]["param"] == param
+    ok_status, ok = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "still there?"}],
+                                                         "max_tokens": 2})
+    assert ok_status == 200 and ok["usage"]["completion_tokens"] <= 2
+
+
+def test_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert e.value.status_code == 400 and e.value.body["param"] == "n"
+
+
+# ---------------------------------------------------------------------------------------
+# Precomputed embeddings
+
+
+def emb_in_segments(server) -> list[str]:
+    return [s for s in shm_segments(server.proc.pid) if "emb-in-" in s]
+
+
+def test_embeds_equal_image_over_generate(server, pipe, img):
+    prompt = "<image>\nWhat is in the picture?"
+    rows = vit_rows(pipe, img)
+    by_image = generate(server, prompt, [img])
+    by_embeds = generate(server, prompt, [{"type": "embeds", "data": embeds_b64(rows)}])
+    assert [t["id"] for t in by_embeds["tokens"]] == [t["id"] for t in by_image["tokens"]]
+    assert by_embeds["prompt_tokens"] == by_image["prompt_tokens"]
+    half = generate(server, prompt, [{"type": "embeds", "data": embeds_b64(rows.to(torch.bfloat16))}])
+    assert half["count_output_tokens"] == N  # any float dtype is accepted (cast to the model's)
+    assert emb_in_segments(server) == []
+
+
+def test_embeds_equal_image_over_chat(client, pipe):
+    wide = random_image(900, 500, 45)
+    text = {"type": "text", "text": "Describe."}
+    rows = vit_rows(pipe, wide, max_num=4)
+    by_image = chat(client, [{"role": "user", "content": [image_part(wide, max_dynamic_patch=4), text]}])
+    by_embeds = chat(client, [{"role": "user", "content": [
+        {"type": "image_embeds", "image_embeds": embeds_b64(rows)}, text]}])
+    assert by_embeds.choices[0].message.content == by_image.choices[0].message.content
+    assert by_embeds.usage.prompt_tokens == by_image.usage.prompt_tokens
+
+
+def test_embeds_mixed_with_images(server, pipe):
+    a, b = random_image(448, 448, 46), random_image(600, 300, 47)
+    prompt = "Image-1: <image>\nImage-2: <image>\nCompare."
+    want = generate(server, prompt, [a, b])
+    got = generate(server, prompt, [a, {"type": "embeds", "data": embeds_b64(vit_rows(pipe, b))}])
+    assert [t["id"] for t in got["tokens"]] == [t["id"] for t in want["tokens"]]
+    assert emb_in_segments(server) == []
+
+
+def test_embeds_wrong_shape_names_the_expected_shape(server, client):
+    bad = embeds_b64(torch.zeros(300, 64))
+    status, body = server.post("/generate", {"inputs": "<image>\nhi", "multimodal_params": {
+        "images": [{"type": "embeds", "data": bad}]}})
+    assert status == 400 and "embeds 0: shape (300, 64) is not [k·256, 64]" in body["message"]
+    with pytest.raises(openai.BadRequestError, match=r"embeds 0: shape \(300, 64\) is not \[k·256, 64\]"):
+        client.chat.completions.create(model="any", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_embeds", "image_embeds": bad}]}])
+    two = base64.b64encode(save({"a": torch.zeros(256, 64), "b": torch.zeros(256, 64)})).decode()
+    status, body = server.post("/generate", {"inputs": "<image>", "multimodal_params": {
+        "images": [{"type": "embeds", "data": two}]}})
+    assert status == 400 and "expected exactly one" in body["message"]
+    status, body = server.post("/generate", {"inputs": "<image>", "multimodal_params": {
+        "images": [{"type": "embeds", "data": base64.b64encode(b"not safetensors").decode()}]}})
+    assert status == 400 and "not a safetensors file" in body["message"]
+    assert server.post("/generate", {"inputs": "fine", "parameters": {"max_new_tokens": 2}})[0] == 200
+    assert emb_in_segments(server) == []
+
+
+def test_embeds_segment_freed_on_disconnect(server, pipe, img):
+    body = json.dumps({"inputs": "<image>\nA long answer please.", "parameters": {
+        "max_new_tokens": 2000, "ignore_eos": True}, "multimodal_params": {
+        "images": [{"type": "embeds", "data": embeds_b64(vit_rows(pipe, img))}]}})
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/generate_stream", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data:")
+    assert len(emb_in_segments(server)) == 1  # held while the request runs
+    conn.close()  # hang up mid-stream
+    assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
+    deadline = time.monotonic() + 10
+    while emb_in_segments(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert emb_in_segments(server) == []
