@@ -6,6 +6,7 @@ shared-memory segments the records name.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import rpyc
@@ -43,9 +44,10 @@ class CacheService(rpyc.Service):
         return self.cache.refcounts()
 
 
-def serve(cache: EmbedCache, socket_path: str, ready: threading.Event | None = None) -> ThreadedServer:
-    server = ThreadedServer(CacheService(cache), socket_path=socket_path, protocol_config=_RPYC_CONFIG)
-    return server
+def serve(cache: EmbedCache, socket_path: str) -> ThreadedServer:
+    quiet = logging.getLogger("mmserver.embed_cache.rpyc")
+    quiet.setLevel(logging.WARNING)  # rpyc logs every connect/disconnect at INFO
+    return ThreadedServer(CacheService(cache), socket_path=socket_path, protocol_config=_RPYC_CONFIG, logger=quiet)
 
 
 class CacheClient:

@@ -9,6 +9,7 @@ object inside the visual server's process; otherwise each leader is a process of
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Callable
@@ -33,8 +34,10 @@ class VitRunner:
     """Preprocess → encode → write, for one group leader."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_tile: int, min_patch: int,
-                 use_thumbnail: bool):
+                 use_thumbnail: bool, preprocess_threads: int = 4):
         self.encode = encode
+        # PIL decodes and resizes without the GIL: a batch's images are prepared in parallel.
+        self.pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="vit-preprocess")
         self.tokens_per_tile = tokens_per_tile
         self.min_patch = min_patch
         self.use_thumbnail = use_thumbnail
@@ -43,12 +46,12 @@ class VitRunner:
         res = BatchResult()
         t0 = time.perf_counter()
         tiles, ok = [], []
-        for ref in refs:
-            try:
-                tiles.append(self._tiles(ref))
+        for ref, out in zip(refs, self.pool.map(self._tiles_or_error, refs)):
+            if isinstance(out, str):
+                res.failed.append((ref.record_id, f"image could not be encoded: {out}"))
+            else:
+                tiles.append(out)
                 ok.append(ref)
-            except (ImageError, FileNotFoundError, ValueError) as e:
-                res.failed.append((ref.record_id, f"image could not be encoded: {e}"))
         t1 = time.perf_counter()
         res.preprocess_s = t1 - t0
         if not ok:
@@ -67,6 +70,12 @@ class VitRunner:
             else:
                 res.failed.append((ref.record_id, "image record was evicted before its embedding was written"))
         return res
+
+    def _tiles_or_error(self, ref: ImageRef) -> torch.Tensor | str:
+        try:
+            return self._tiles(ref)
+        except (ImageError, FileNotFoundError, ValueError) as e:
+            return str(e)
 
     def _tiles(self, ref: ImageRef) -> torch.Tensor:
         seg = shm.attach(ref.img_name)
