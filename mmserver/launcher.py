@@ -37,10 +37,13 @@ class StartupError(RuntimeError):
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent process dies, so no worker outlives the server."""
+    """Linux: get SIGTERM when the parent process dies, so no worker outlives the server.
+
+    SIGTERM (not SIGKILL) so that `finally` blocks run: the cache process then unlinks the
+    server's shared-memory segments even when the HTTP process was killed outright."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -61,6 +64,7 @@ def _child_entry(name: str, target: Callable, kwargs: dict, status: Connection, 
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind, running cleanup code
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
         target(ready=lambda info=None: status.send(("ready", info)), **kwargs)

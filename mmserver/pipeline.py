@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .engine.engine import Engine, EngineConfig
+from .engine.engine import Engine, EngineConfig, StepOutput
 from .engine.sampling import SamplingParams
 from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
@@ -201,8 +201,8 @@ class Pipeline:
         batch = _is_batch(inputs)
         items = inputs if batch else [inputs]
         gen = gen_config or self.default_gen_config
-        results = self._collect(self._submit([self._render(self._conversation(x)) for x in items], gen), gen,
-                                progress=batch)
+        results = self._collect(self._submit([self._render(_conversation(x)) for x in items], gen), gen,
+                                progress_total=len(items) if batch else None)
         return results if batch else results[0]
 
     def stream_infer(self, inputs: Any, gen_config: GenerationConfig | None = None) -> Iterator[StreamResponse]:
@@ -210,16 +210,16 @@ class Pipeline:
         (inputs of a batch interleave; `.index` says which)."""
         items = inputs if _is_batch(inputs) else [inputs]
         gen = gen_config or self.default_gen_config
-        return self._submit([self._render(self._conversation(x)) for x in items], gen)
+        return self._submit([self._render(_conversation(x)) for x in items], gen)
 
     def chat(self, prompt: str | tuple, session: Session | None = None,
              gen_config: GenerationConfig | None = None) -> Session:
         """One more turn of a conversation: `prompt` is `text` or `(text, images)`. Returns
         the session (updated in place), whose `.response` is this turn's answer."""
         session = session if session is not None else Session()
-        messages = session.messages + self._conversation(prompt)
+        messages = session.messages + _conversation(prompt)
         gen = gen_config or self.default_gen_config
-        response = self._collect(self._submit([self._render(messages)], gen), gen, progress=False)[0]
+        response = self._collect(self._submit([self._render(messages)], gen), gen)[0]
         session.messages = messages + [Message("assistant", [{"type": "text", "text": response.text}])]
         session.response = response
         return session
@@ -237,10 +237,11 @@ class Pipeline:
             raise ValueError(f"{len(prompt_list)} prompts but {len(image_lists)} image lists")
         gen = gen_config or self.default_gen_config
         requests = [(p, [ImageInput(x) for x in imgs]) for p, imgs in zip(prompt_list, image_lists)]
-        results = self._collect(self._submit(requests, gen), gen, progress=False)
+        results = self._collect(self._submit(requests, gen), gen)
         return results[0] if single else results
 
-    def prepare(self, prompt: str, images: Sequence[Any] = (), max_patches: int = -1) -> tuple[list[int], list[torch.Tensor]]:
+    def prepare(self, prompt: str, images: Sequence[Any] = (),
+                max_patches: int = -1) -> tuple[list[int], list[torch.Tensor]]:
         """Tokenize a raw prompt with `<image>` placeholders and preprocess its images: the ids
         and each image's pixel tiles (an embeddings input adds ids but no tiles)."""
         p = self._prepare(prompt, [ImageInput(x) for x in images], max_patches)
@@ -248,17 +249,6 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------
     # Inputs → conversations → prompts
-
-    def _conversation(self, item: Any) -> list[Message]:
-        if isinstance(item, str):
-            return [_user_turn(item, [])]
-        if isinstance(item, tuple):
-            imgs = item[1] if len(item) > 1 else []
-            return [_user_turn(item[0], list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])]
-        if isinstance(item, list) and all(isinstance(m, dict) for m in item):
-            return [_openai_message(m, i) for i, m in enumerate(item)]
-        raise TypeError(f"unsupported input {type(item).__name__}; use text, (text, image), (text, [images]) "
-                        "or a list of OpenAI-format messages")
 
     def _render(self, messages: list[Message]) -> tuple[str, list[ImageInput]]:
         prompt = self.template.render([{"role": m.role, "content": m.parts} for m in messages],
@@ -320,6 +310,7 @@ class Pipeline:
             for rid in live:
                 self.engine.abort(rid)
 
+    @torch.inference_mode()
     def _image_inputs(self, visuals: list[_Visual]) -> dict[str, Any]:
         """Pixels for the engine to encode (batched with other requests' images), or, when
         embeddings were given, every image's rows in order."""
@@ -330,7 +321,7 @@ class Pipeline:
                 else self.engine.encode_images(v.pixels).reshape(-1, hidden) for v in visuals]
         return {"image_embeds": torch.cat(rows)}
 
-    def _advance(self, live: dict[int, "_Live"], out, want_logprobs: bool) -> StreamResponse:
+    def _advance(self, live: dict[int, _Live], out: StepOutput, want_logprobs: bool) -> StreamResponse:
         st = live[out.req_id]
         st.count += 1
         text = st.detok.push(out.token_id)
@@ -347,10 +338,13 @@ class Pipeline:
         return StreamResponse(text, [out.token_id], reason, st.index, st.prompt_tokens, st.count,
                               [out.logprob] if want_logprobs else None)
 
-    def _collect(self, stream: Iterator[StreamResponse], gen: GenerationConfig, progress: bool) -> list[Response]:
+    def _collect(self, stream: Iterator[StreamResponse], gen: GenerationConfig,
+                 progress_total: int | None = None) -> list[Response]:
+        """Assemble each input's Response; a progress bar counts finished inputs if a total is given."""
         results: dict[int, Response] = {}
-        with contextlib.closing(stream), tqdm(desc="generating", leave=False, disable=not (progress and self.progress),
-                                              unit="req") as bar:
+        show = progress_total is not None and self.progress
+        with contextlib.closing(stream), tqdm(total=progress_total, desc="generating", unit="req", leave=False,
+                                              disable=not show) as bar:
             for out in stream:
                 r = results.setdefault(out.index, Response("", [], None, out.prompt_tokens,
                                                            [] if gen.logprobs else None, out.index))
@@ -375,6 +369,19 @@ class _Live:
 def _is_batch(inputs: Any) -> bool:
     """A list of inputs, as opposed to one conversation given as a list of message dicts."""
     return isinstance(inputs, list) and not (inputs and all(isinstance(m, dict) for m in inputs))
+
+
+def _conversation(item: Any) -> list[Message]:
+    """One input (text, a (text, images) tuple, or OpenAI-format messages) as chat turns."""
+    if isinstance(item, str):
+        return [_user_turn(item, [])]
+    if isinstance(item, tuple):
+        imgs = item[1] if len(item) > 1 else []
+        return [_user_turn(item[0], list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])]
+    if isinstance(item, list) and all(isinstance(m, dict) for m in item):
+        return [_openai_message(m, i) for i, m in enumerate(item)]
+    raise TypeError(f"unsupported input {type(item).__name__}; use text, (text, image), (text, [images]) "
+                    "or a list of OpenAI-format messages")
 
 
 def _user_turn(text: str, images: list[Any]) -> Message:

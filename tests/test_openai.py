@@ -19,7 +19,8 @@ from mmserver.models.internvl.preprocess import num_tiles, preprocess_image
 from server_util import image_b64, shm_segments, start_server, stop_server
 
 N = 5
-FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", "8192",
+MAX_LEN = 4096  # --max_req_total_len
+FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", str(MAX_LEN),
          "--max_images_per_request", "4", "--image_fetch_timeout", "2"]
 
 
@@ -119,10 +120,22 @@ def test_stream_equals_non_stream(server, client, pipe, img):
     assert usage.usage.prompt_tokens == whole.usage.prompt_tokens
     plain = list(chat(client, messages, stream=True))  # without include_usage: no usage chunk
     assert plain[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in plain)
+    status, events = sse(server, {"messages": messages, "max_tokens": 2, "stream": True})
+    assert status == 200 and events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"]
+
+
+def sse(server, body: dict) -> tuple[int, list[str]]:
+    """The raw `data:` payloads of a streamed chat completion."""
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    return resp.status, [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
 
 
 def test_two_images_two_turns(server, client, pipe):
-    a, b = random_image(300, 600, 42), random_image(500, 400, 43)
+    a, b = random_image(200, 400, 42), random_image(300, 300, 43)  # 3 tiles and 1
     messages = [
         {"role": "system", "content": "You compare pictures."},
         {"role": "user", "content": [image_part(a), image_part(b), {"type": "text", "text": "Compare them."}]},
@@ -139,12 +152,12 @@ def test_two_images_two_turns(server, client, pipe):
 
 
 def test_max_dynamic_patch_per_image(client):
-    wide = random_image(1280, 720, 44)
+    wide = random_image(1344, 448, 44)
     text = {"type": "text", "text": "hi"}
     default = chat(client, [{"role": "user", "content": [image_part(wide), text]}], max_tokens=1)
     capped = chat(client, [{"role": "user", "content": [image_part(wide, max_dynamic_patch=2), text]}], max_tokens=1)
-    fewer = num_tiles(1280, 720, max_num=12) - num_tiles(1280, 720, max_num=2)
-    assert fewer > 0 and default.usage.prompt_tokens - capped.usage.prompt_tokens == fewer * 256
+    fewer = num_tiles(1344, 448, max_num=12) - num_tiles(1344, 448, max_num=2)  # (3,1) vs (2,1), + thumbnails
+    assert fewer == 1 and default.usage.prompt_tokens - capped.usage.prompt_tokens == fewer * 256
 
 
 def test_no_max_tokens_fills_the_context(client, pipe):
@@ -152,13 +165,13 @@ def test_no_max_tokens_fills_the_context(client, pipe):
     def prompt_len(k: int) -> int:
         return len(pipe.prepare(render(pipe, [{"role": "user", "content": "x" * k}]))[0])
 
-    k = 8100
-    k += 8189 - prompt_len(k)  # the tiny tokenizer: one token per "x"; leave room for 3
+    k = MAX_LEN - 100
+    k += MAX_LEN - 3 - prompt_len(k)  # the tiny tokenizer: one token per "x"; leave room for 3
     n = prompt_len(k)
-    assert 8180 < n < 8192
+    assert MAX_LEN - 10 < n < MAX_LEN
     r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "x" * k}],
                                        extra_body={"ignore_eos": True})
-    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 8192 - n
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == MAX_LEN - n
     assert r.choices[0].finish_reason == "length"
 
 

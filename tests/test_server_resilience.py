@@ -109,3 +109,19 @@ def test_startup_failure_exits_nonzero_with_cause(ckpt, tmp_path, case):
                           timeout=180, env=env)
     assert proc.returncode == 1
     assert "start-up failed" in proc.stderr and want in proc.stderr
+
+
+def test_killed_server_leaves_no_workers_or_segments(ckpt, tmp_path):
+    from server_util import alive, shm_segments
+
+    srv = start_server(ckpt, "--enable_multimodal", "--max_total_token_num", "8192", log_dir=tmp_path)
+    assert srv.post("/generate", gen_body("<image>\nhi", [random_image(448, 448, 61)], max_new_tokens=2))[0] == 200
+    pid = srv.proc.pid
+    assert shm_segments(pid)
+    srv.proc.kill()  # no chance to clean up: the children must notice and do it
+    srv.proc.wait(10)
+    deadline = time.monotonic() + 20
+    while (any(alive(c) for c in srv.children) or shm_segments(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in srv.children if alive(c)]
+    assert shm_segments(pid) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from . import shm
 from .cache import EmbedCache
 from .service import serve
 
@@ -22,3 +23,4 @@ def run_cache(ready: Callable, prefix: str, socket_path: str, hidden_size: int, 
         thread.join()
     finally:
         cache.close()
+        shm.sweep(prefix)  # the server's other segments too, if the HTTP process died first

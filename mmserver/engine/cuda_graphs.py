@@ -11,10 +11,11 @@ size owns such a buffer (its *static inputs*): a decode batch of B requests is p
 host to the size P it replays with and packed straight into that buffer, so a graph step costs
 one copy, one token-table write and one replay.
 
-Padding. Pad rows use input id 0 at position 0, `seq_len` 0 (the decode attention kernel returns
-zeros for them), the pool's reserved scratch KV slot (their K/V writes land there, never in a
-request's slot) and the token table's reserved scratch row. Pad rows also produce logits, which
-are dropped: only the first B rows are returned.
+Padding. A pad row holds input id 0, `seq_len` 0 (the decode attention kernel returns zeros for
+it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot)
+and the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
+token-table write of the pad row is harmless too (see `kv_pool`). Pad rows also produce
+logits, which are dropped: only the first B rows are returned.
 
 Fixed at capture: the tensors' addresses (static inputs, the KV pool, the token table), the
 batch size, and `max_seq_len`, which sets the decode kernel's split count; replays use the
@@ -28,7 +29,6 @@ P rows, so the all_reduces captured in rank 0's graph meet theirs with the same 
 from __future__ import annotations
 
 import bisect
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -37,8 +37,6 @@ import numpy as np
 import torch
 
 from ..models.llm.decoder import DecoderLM, ForwardBatch
-
-log = logging.getLogger("mmserver.engine")
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 ENV_SWITCH = "MMSERVER_CUDA_GRAPHS"  # "0" disables graphs
@@ -165,11 +163,12 @@ class InputBuffers:
 
 @dataclass(frozen=True)
 class PadValues:
-    """What a pad row holds: a KV slot and a token-table row that no request owns."""
+    """What a pad row holds: a KV slot and a token-table cell (row, position) that no request uses."""
 
     slot: int
     row: int
-    table_index: int  # flat token-table index of (row, position 0)
+    position: int
+    table_index: int  # flat token-table index of (row, position)
 
 
 def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> HostBatch:
@@ -181,7 +180,7 @@ def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> Ho
         raise ValueError(f"cannot pad {b} rows to {size}")
     k = size - b
     return HostBatch(
-        input_ids=list(hb.input_ids) + [0] * k, positions=list(hb.positions) + [0] * k,
+        input_ids=list(hb.input_ids) + [0] * k, positions=list(hb.positions) + [pad.position] * k,
         table_index=list(hb.table_index) + [pad.table_index] * k,
         slots=np.concatenate([np.asarray(hb.slots, dtype=np.int32), np.full(k, pad.slot, dtype=np.int32)]),
         req_rows=list(hb.req_rows) + [pad.row] * k, cu_q=list(range(size + 1)),
@@ -193,14 +192,15 @@ def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> Ho
 _ROW_FIELDS = ("input_ids", "positions", "slots", "req_rows", "prefix_lens", "seq_lens")
 
 
+@torch.inference_mode()  # the static inputs are created in inference mode
 def copy_into_static(static: ForwardBatch, batch: ForwardBatch, pad: PadValues) -> None:
     """Copy a device decode batch of B rows into a larger static batch: rows [:B] from `batch`,
     rows [B:] reset to pad values (stale rows would write K/V into slots requests now own)."""
     n = batch.req_rows.numel()
-    fills = {"slots": pad.slot, "req_rows": pad.row}
+    fills = {"positions": pad.position, "slots": pad.slot, "req_rows": pad.row}
     for name in _ROW_FIELDS:
         dst = getattr(static, name)
-        dst[:n].copy_(getattr(batch, name), non_blocking=True)
+        dst[:n].copy_(getattr(batch, name))
         dst[n:].fill_(fills.get(name, 0))
 
 
@@ -285,6 +285,7 @@ class DecodeGraphs:
             self.announce(batch)
         return self.model.forward(batch, self.kv_buffer, self.token_table)
 
+    @torch.inference_mode()
     def replay(self, size: int, batch: ForwardBatch, n: int) -> torch.Tensor:
         """Logits [n, vocab] of a batch already packed into `inputs(size)` (its first n rows real)."""
         static = self._static[size]
@@ -298,6 +299,7 @@ class DecodeGraphs:
         self._graphs[size].replay()
         return self._outputs[size][:n]
 
+    @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] of a device decode batch of B rows (B <= max_size, no images)."""
         n = batch.req_rows.numel()

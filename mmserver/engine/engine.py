@@ -9,6 +9,7 @@ engine runs in-process (the pipeline) and inside the server's model worker.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import time
@@ -35,7 +36,7 @@ class RequestError(ValueError):
 
 @dataclass
 class EngineConfig:
-    max_total_tokens: int = 16384  # KV slots
+    max_total_tokens: int = 16384  # KV slots (the pool holds one more, the CUDA-graph scratch slot)
     max_requests: int = 64  # --running_max_req_size
     max_req_len: int = 8192  # --max_req_total_len: prompt + new tokens
     batch_max_tokens: int = 8192  # prompt tokens prefilled per step (chunk size)
@@ -118,8 +119,8 @@ class Engine:
         if total > self.config.max_req_len:
             raise RequestError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                                f"exceeds max_req_total_len {self.config.max_req_len}")
-        if total > self.config.max_total_tokens:
-            raise RequestError(f"request needs {total} KV slots but the pool has {self.config.max_total_tokens}")
+        if total > self.kv.num_slots:
+            raise RequestError(f"request needs {total} KV slots but the pool has {self.kv.num_slots}")
         offsets = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
         n_rows = image_embeds.shape[0] if image_embeds is not None else None
         if pixel_values is not None and self.encode_images is None:
@@ -167,24 +168,29 @@ class Engine:
         padded batches eagerly instead of capturing (CPU tests of everything but the graphs)."""
         model, announce = self.llm, None
         if isinstance(self.llm, TPLeader):  # capture the local shard; broadcast each padded batch first
-            leader = self.llm
-            model = leader.llm
-
-            def announce(b: ForwardBatch) -> None:
-                broadcast_batch(leader.tp, b, model.device, model.cfg.hidden_size, model.dtype)
-
+            model = self.llm.llm
+            announce = functools.partial(broadcast_batch, self.llm.tp, device=model.device,
+                                         hidden=model.cfg.hidden_size, dtype=model.dtype)
         sizes = graph_sizes(self.config.max_requests)
-        pad = PadValues(self.kv.scratch_slot, self.table.scratch_row, self.table.flat_index(self.table.scratch_row, 0))
+        t = self.table
+        pad = PadValues(self.kv.scratch_slot, t.pad_row, t.pad_position, t.flat_index(t.pad_row, t.pad_position))
         start = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         try:
+            if t.pad_position >= model.cfg.max_position_embeddings:  # pad rows' rope reads cos/sin there
+                raise ValueError(f"max_req_len {self.config.max_req_len} exceeds the model's max_position_embeddings")
             graphs = DecodeGraphs(model, self.kv.buffer, self.table.table, sizes, self.config.max_req_len, pad,
                                   announce)
             graphs.capture(emulate=emulate)
         except Exception:  # never fatal: the eager path serves the same requests
             log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
             return None
-        log.info("%s decode batch sizes %s in %.2f s", "emulated" if emulate else "CUDA graphs captured for",
-                 sizes, time.perf_counter() - start)
+        if emulate:
+            log.info("decode graphs emulated (eager replays) for batch sizes %s", sizes)
+        else:
+            mib = (torch.cuda.memory_reserved(self.device) - reserved) / 2**20
+            log.info("captured CUDA graphs for decode batch sizes %s in %.2f s (%.0f MiB)", sizes,
+                     time.perf_counter() - start, mib)
         return graphs
 
     # ----------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class Engine:
         admitted: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_requests and self.table.free_rows:
             cand = self.waiting[0]
-            if not fits([r.footprint for r in self.running], cand.footprint, self.config.max_total_tokens):
+            if not fits([r.footprint for r in self.running], cand.footprint, self.kv.num_slots):
                 break  # FIFO: a big request is not overtaken, so it cannot starve
             self.waiting.popleft()
             cand.row = self.table.alloc_row()
@@ -220,7 +226,43 @@ class Engine:
     def _build_batch(self) -> tuple[ForwardBatch, list[tuple[Request, bool]], int | None]:
         """Pack this step's prefill chunks and decode tokens; returns the batch, (request, produces a
         token) per row, and the graph size to replay (None: run eagerly)."""
-        decodes = sum(1 for r in self.running if r.num_cached >= len(r.prompt_ids))
+        decodes = sum([r.num_cached >= len(r.prompt_ids) for r in self.running])
+        if decodes == len(self.running):
+            hb, plan = self._decode_host_batch()
+            image_parts: list[torch.Tensor] = []
+        else:
+            hb, plan, image_parts = self._mixed_host_batch(decodes)
+        graph_size = None
+        if self.graphs is not None and hb.max_q_len == 1 and not image_parts and len(hb.logit_rows) == len(plan):
+            graph_size = self.graphs.bucket(len(plan))
+        if graph_size is not None:
+            batch, index = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
+        else:
+            image_rows = torch.cat(image_parts).to(self.device, self.llm.dtype) if image_parts else None
+            batch, index = self._inputs.pack(hb, image_rows)
+        self.table.write(index, batch.slots)  # before the forward: attention reads the new tokens' slots
+        return batch, plan, graph_size
+
+    def _decode_host_batch(self) -> tuple[HostBatch, list[tuple[Request, bool]]]:
+        """Every running request decodes one token: the steady state, built with comprehensions
+        because its host time adds to every step's."""
+        running = self.running
+        n = len(running)
+        width = self.table.max_len
+        slots = self.kv.alloc(n).numpy()
+        rows = [r.row for r in running]
+        positions = [r.num_cached for r in running]
+        self.table.record_decode(rows, positions, slots)
+        for r in running:
+            r.num_cached += 1
+        hb = HostBatch(input_ids=[r.output_ids[-1] for r in running], positions=positions,
+                       table_index=[row * width + p for row, p in zip(rows, positions)], slots=slots,
+                       req_rows=rows, cu_q=range(n + 1), prefix_lens=positions, seq_lens=[p + 1 for p in positions],
+                       logit_rows=range(n), max_q_len=1, max_seq_len=max(positions) + 1)
+        return hb, [(r, True) for r in running]
+
+    def _mixed_host_batch(self, decodes: int) -> tuple[HostBatch, list[tuple[Request, bool]], list[torch.Tensor]]:
+        """Prefill chunks (within batch_max_tokens) beside the decode tokens."""
         budget = max(self.config.batch_max_tokens - decodes, 1)
         chunks: list[tuple[Request, int, int]] = []  # (request, first new position, new tokens)
         for r in self.running:
@@ -275,16 +317,7 @@ class Engine:
         hb = HostBatch(input_ids=ids, positions=positions, table_index=table_index, slots=slots, req_rows=rows,
                        cu_q=cu_q, prefix_lens=prefix, seq_lens=seq, logit_rows=logit_rows, max_q_len=max_q,
                        max_seq_len=max(seq), image_index=image_index)
-        graph_size = None
-        if self.graphs is not None and max_q == 1 and not image_parts and len(logit_rows) == len(rows):
-            graph_size = self.graphs.bucket(len(rows))
-        if graph_size is not None:
-            batch, index = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
-        else:
-            image_rows = torch.cat(image_parts).to(self.device, self.llm.dtype) if image_parts else None
-            batch, index = self._inputs.pack(hb, image_rows)
-        self.table.write(index, batch.slots)  # before the forward: attention reads the new tokens' slots
-        return batch, plan, graph_size
+        return hb, plan, image_parts
 
     @staticmethod
     def _image_index(r: Request, start: int, n: int, base: int) -> tuple[list[int], torch.Tensor | None]:

@@ -4,12 +4,15 @@ A slot holds one token's K and V for every layer. Requests own slots one token a
 so nothing is wasted on padding or block tails; the token table maps (request row,
 position) → slot for the attention kernels.
 
-Both structures hold one reserved extra entry past their capacity: the scratch slot
-(`KVPool.scratch_slot`) and the scratch row (`TokenTable.scratch_row`). CUDA-graph padding rows
-write their K/V to the scratch slot and point at the scratch row, so they never touch what a
-request owns. Neither is ever handed out, and neither counts in `num_slots` / `free` / `used` or
-`max_requests` / `free_rows`: the reported capacity is what requests can use. A TP follower that
-builds its pool and table with these classes gets the same reserved entries as rank 0.
+CUDA-graph padding rows (see `cuda_graphs`) need a KV slot and a token-table cell that no request
+uses. Rank 0 broadcasts padded batches to tensor-parallel followers, which write them too, so
+both live in the shapes every rank allocates (`DecoderLM.kv_shape(N)`, `[max_requests, max_len]`):
+
+* the scratch slot is the buffer's last slot: `kv_shape(N)` has N + 1 slots and `KVPool` never
+  hands out or counts the last one (`num_slots`, `free`, `used` cover the N usable slots);
+* the pad cell is the last position of a row (`TokenTable.pad_row`, `pad_position`). No request
+  reads or writes it: a request holds at most max_len tokens and never feeds its last token
+  back, so its positions stop at max_len - 2. `record` enforces this.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ class KVPoolExhausted(RuntimeError):
 
 
 class KVPool:
-    """`kv_shape` = (layers, num_slots, 2 * kv_heads, head_dim); the buffer has num_slots + 1 slots,
-    the last being the scratch slot."""
+    """`kv_shape` = (layers, N + 1, 2 * kv_heads, head_dim), as `DecoderLM.kv_shape(N)` gives: N usable
+    slots and, last, the scratch slot."""
 
     def __init__(self, kv_shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str):
-        layers, num_slots, heads2, head_dim = kv_shape
-        self.num_slots = num_slots
-        self.scratch_slot = num_slots
-        self.buffer = torch.zeros((layers, num_slots + 1, heads2, head_dim), dtype=dtype, device=device)
+        total = kv_shape[1]
+        if total < 2:
+            raise ValueError(f"the KV pool needs at least 2 slots (one is reserved as scratch), got {total}")
+        self.num_slots = total - 1
+        self.scratch_slot = total - 1
+        self.buffer = torch.zeros(kv_shape, dtype=dtype, device=device)
         # Free slots as a stack on the host: allocation is a slice, no device sync.
-        self._free = torch.arange(num_slots, dtype=torch.int32)
-        self._top = num_slots
+        self._free = torch.arange(self.num_slots, dtype=torch.int32)
+        self._top = self.num_slots
 
     @property
     def free(self) -> int:
@@ -62,16 +67,16 @@ class KVPool:
 
 
 class TokenTable:
-    """[max_requests + 1, max_len] slot ids on the device (the last row is the scratch row), plus a
-    host mirror of each row's slots so that freeing a row needs nothing from the device."""
+    """[max_requests, max_len] slot ids on the device, plus a host mirror of each row's slots so
+    that freeing a row needs nothing from the device. (pad_row, pad_position) is the pad cell."""
 
     def __init__(self, max_requests: int, max_len: int, device: torch.device | str):
         self.max_requests = max_requests
         self.max_len = max_len
-        self.scratch_row = max_requests
-        self.table = torch.zeros((max_requests + 1, max_len), dtype=torch.int32, device=device)
+        self.pad_row, self.pad_position = 0, max_len - 1
+        self.table = torch.zeros((max_requests, max_len), dtype=torch.int32, device=device)
         self._host = np.zeros((max_requests, max_len), dtype=np.int32)  # calloc: pages touched on use only
-        self._lens = [0] * max_requests
+        self._lens = np.zeros(max_requests, dtype=np.int64)  # positions recorded per row
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self._owned: set[int] = set()
 
@@ -95,12 +100,22 @@ class TokenTable:
         """Host side only: positions start..start+n of `row` live in `slots` (appended in order).
         The device table is written by `write`, batched over a step."""
         n = len(slots)
-        if start + n > self.max_len:
+        if start + n > self.pad_position:  # a request never feeds its last token back (see the module doc)
             raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
         if row not in self._owned or start != self._lens[row]:
             raise RuntimeError(f"row {row}: positions must be appended in order to an allocated row")
         self._host[row, start:start + n] = np.asarray(slots)
         self._lens[row] = start + n
+
+    def record_decode(self, rows: list[int], positions: list[int], slots: np.ndarray) -> None:
+        """`record` of one token for each of many rows (a decode step), vectorized."""
+        rows_a, pos_a = np.asarray(rows), np.asarray(positions)
+        if len(rows) and pos_a.max() >= self.pad_position:
+            raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
+        if not (self._owned.issuperset(rows) and np.array_equal(self._lens[rows_a], pos_a)):
+            raise RuntimeError("decode positions must follow each allocated row's recorded ones")
+        self._host[rows_a, pos_a] = slots
+        self._lens[rows_a] = pos_a + 1
 
     def write(self, flat_index: torch.Tensor, slots: torch.Tensor) -> None:
         """table.view(-1)[flat_index] = slots: one scatter for a whole batch (device tensors)."""
@@ -113,7 +128,7 @@ class TokenTable:
 
     def held(self, row: int) -> torch.Tensor:
         """The slots `row` holds, in position order (host int32)."""
-        return torch.from_numpy(self._host[row, :self._lens[row]].copy())
+        return torch.from_numpy(self._host[row, :int(self._lens[row])].copy())
 
     def free_row(self, row: int) -> torch.Tensor:
         """Give the row back; returns the slots it held so the caller can release them."""

@@ -87,12 +87,11 @@ class Intake:
         l = self.limits
 
         async def one(i: int, spec) -> Prepared:
+            loop = asyncio.get_running_loop()
             if spec.type == "embeds":
-                return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._load_embeds,
-                                                                        spec.data, i)
+                return await loop.run_in_executor(self._decode_pool, self._load_embeds, spec.data, i)
             raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
                                       max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
-            loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
             cap = spec.max_patch or (request_cap if request_cap > 0 else self.default_cap)
             tiles = num_tiles(loaded.width, loaded.height, max_num=cap, min_num=self.cfg.min_dynamic_patch,
@@ -174,7 +173,8 @@ class Intake:
                 name = f"{self.embeds.shm_prefix}emb-in-{next(self._embeds_ids)}"
                 t = item.tensor
                 seg = shm.create(name, t.numel() * t.element_size())
-                refs.append(ImageRef(0, name, "", t.shape[0], 0, False, 0, precomputed=True))
+                refs.append(ImageRef(record_id=0, emb_name=name, img_name="", n_tokens=t.shape[0], img_bytes=0,
+                                     needs_vit=False, max_patch=0, precomputed=True))
                 try:
                     shm.tensor_view(seg, tuple(t.shape), t.dtype).copy_(t)
                 finally:

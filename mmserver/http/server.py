@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from ..engine.sampling import SamplingParams
 from ..frontend.errors import BadRequest, HTTPError, Overloaded, TooLarge, Unavailable
 from ..frontend.intake import Intake
 from ..frontend.streams import Streams
@@ -93,7 +94,7 @@ async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = 
     return serve, refs, ids[-PROMPT_CONTEXT_TOKENS:]
 
 
-def _fit_max_new_tokens(params, n_prompt: int, max_req_len: int) -> None:
+def _fit_max_new_tokens(params: SamplingParams, n_prompt: int, max_req_len: int) -> None:
     room = max_req_len - n_prompt
     if room >= 1:  # otherwise check_length names the problem
         params.max_new_tokens = min(params.max_new_tokens, room)

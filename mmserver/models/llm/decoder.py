@@ -64,9 +64,11 @@ class DecoderLM:
                                                   self.device)
 
     def kv_shape(self, num_slots: int) -> tuple[int, int, int, int]:
-        """KV pool shape on this rank: only its local KV heads."""
+        """KV pool shape on this rank for `num_slots` usable slots: only its local KV heads, and one
+        more slot, the scratch slot CUDA-graph padding rows write to (`engine.kv_pool`). Every
+        rank sizes its pool here, so tensor-parallel followers get the scratch slot too."""
         c = self.cfg
-        return (c.num_layers, num_slots, 2 * self.num_kv_heads, c.head_dim)
+        return (c.num_layers, num_slots + 1, 2 * self.num_kv_heads, c.head_dim)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
