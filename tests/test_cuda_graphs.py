@@ -1,5 +1,5 @@
 """CUDA-graph decode: padding and bucket choice, the packed inputs, the reserved scratch slot and
-row, and the engine's graph path.
+token-table pad cell, and the engine's graph path.
 
 Everything but the capture itself runs on CPU: `DecodeGraphs.capture(emulate=True)` replays a
 padded static batch eagerly, through the same buffers and bookkeeping as the CUDA graphs. The
@@ -276,8 +276,8 @@ def test_graphs_requested_on_cpu_run_eagerly(pipe, eager_result):
 
 
 def test_emulated_graph_decode_matches_eager(pipe, eager_result):
-    """The graph path end to end on CPU: padded static batches, scratch slot and row, table writes,
-    bucket changes as requests join and finish; image and prefill batches stay eager."""
+    """The graph path end to end on CPU: padded static batches, scratch slot and pad cell, table
+    writes, bucket changes as requests join and finish; image and prefill batches stay eager."""
     reqs, joins, expected = eager_result
     eng = _engine(pipe, emulate=True)
     handed_slots: set[int] = set()
@@ -307,6 +307,7 @@ def test_emulated_graph_decode_matches_eager(pipe, eager_result):
     assert len(set(sizes_used)) >= 3 and eng.graphs.replays == len(sizes_used) and any(padded)
     assert eng.kv.scratch_slot not in handed_slots
     assert eng.kv.buffer[:, eng.kv.scratch_slot].abs().sum() > 0  # pad rows wrote there
+    assert eng.table.table[eng.table.pad_row, eng.table.pad_position] == eng.kv.scratch_slot
     assert (eng.kv.used, eng.kv.free) == (0, eng.config.max_total_tokens)
     assert eng.table.free_rows == eng.config.max_requests
 

@@ -119,8 +119,8 @@ class Engine:
         if total > self.config.max_req_len:
             raise RequestError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                                f"exceeds max_req_total_len {self.config.max_req_len}")
-        if total > self.kv.num_slots:
-            raise RequestError(f"request needs {total} KV slots but the pool has {self.kv.num_slots}")
+        if total > self.config.max_total_tokens:
+            raise RequestError(f"request needs {total} KV slots but the pool has {self.config.max_total_tokens}")
         offsets = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
         n_rows = image_embeds.shape[0] if image_embeds is not None else None
         if pixel_values is not None and self.encode_images is None:
@@ -175,6 +175,8 @@ class Engine:
         t = self.table
         pad = PadValues(self.kv.scratch_slot, t.pad_row, t.pad_position, t.flat_index(t.pad_row, t.pad_position))
         start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # so that the growth below is the graphs' memory
         reserved = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         try:
             if t.pad_position >= model.cfg.max_position_embeddings:  # pad rows' rope reads cos/sin there
@@ -200,7 +202,7 @@ class Engine:
         admitted: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_requests and self.table.free_rows:
             cand = self.waiting[0]
-            if not fits([r.footprint for r in self.running], cand.footprint, self.kv.num_slots):
+            if not fits([r.footprint for r in self.running], cand.footprint, self.config.max_total_tokens):
                 break  # FIFO: a big request is not overtaken, so it cannot starve
             self.waiting.popleft()
             cand.row = self.table.alloc_row()
