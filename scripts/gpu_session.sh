@@ -18,10 +18,20 @@ if [[ $STEPS == *check* ]]; then
   python3 scripts/make_tiny_internvl.py --out /tmp/tiny --layout original >/dev/null
   timeout 200 python3 scripts/gpu_check.py /tmp/tiny 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
+SIZE=${SIZE:-1b}
+CKPT=/tmp/ckpt-$SIZE
+if [[ $STEPS == *graphs* || $STEPS == *bench* ]] && [ ! -d "$CKPT" ]; then
+  python3 scripts/make_tiny_internvl.py --out "$CKPT" --layout hf --size "$SIZE" --dtype bfloat16 >/dev/null
+fi
+if [[ $STEPS == *graphs* ]]; then
+  timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py -k on_gpu 2>&1 | tail -6 | tee "$OUT/graph_tests.log"
+  for mode in "" "--no-graphs"; do
+    timeout 90 python3 scripts/bench_decode.py --model_dir "$CKPT" --batch-sizes 1,8,64 --steps 50 $mode 2>&1 | tail -8 | tee -a "$OUT/decode.log"
+  done
+fi
 if [[ $STEPS == *bench* ]]; then
-  SIZE=${SIZE:-1b}; N=${N:-256}; C=${C:-64}; L=${L:-128}; W=${W:-W1}
-  python3 scripts/make_tiny_internvl.py --out /tmp/ckpt --layout hf --size "$SIZE" --dtype bfloat16 >/dev/null
-  python3 -m mmserver.api_server --model_dir /tmp/ckpt --enable_multimodal --port 8000 ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
+  N=${N:-256}; C=${C:-64}; L=${L:-128}; W=${W:-W1}
+  python3 -m mmserver.api_server --model_dir "$CKPT" --enable_multimodal --port 8000 ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
   SRV=$!
   for i in $(seq 1 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
   timeout 240 python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests "$N" \
@@ -29,7 +39,7 @@ if [[ $STEPS == *bench* ]]; then
   curl -s localhost:8000/metrics > "$OUT/metrics.txt"
   kill -TERM $SRV; wait $SRV
   if [ "${HF:-1}" = 1 ]; then
-    timeout 200 python3 scripts/bench_hf.py --model_dir /tmp/ckpt --workload "$W" --num-requests "${HF_N:-128}" \
+    timeout 200 python3 scripts/bench_hf.py --model_dir "$CKPT" --workload "$W" --num-requests "${HF_N:-128}" \
       --batch-size "${HF_B:-64}" --output-len "$L" --dtype bfloat16 --device cuda --json "$OUT/hf_${W}_${SIZE}.json" 2>&1 | tail -5 | tee "$OUT/hf.log"
   fi
 fi
