@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ...engine.tp import TPGroup, shard_weights
+from ..parallel import TPGroup, shard_weights
 from ..llm.decoder import DecoderLM
 from .config import InternVLConfig, load_config
 from .vision import VisionEncoder

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import kernels
-from ...engine.tp import TPGroup
+from ..parallel import TPGroup
 from .config import InternVLConfig
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import kernels
-from ...engine.tp import TPGroup, local_kv_heads
+from ..parallel import TPGroup, local_kv_heads
 from ..internvl.config import LLMConfig
 
 
