@@ -55,3 +55,17 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def image_factory():
     return random_image
+
+
+@pytest.fixture(scope="session")
+def ckpt(checkpoints):
+    """The tiny Qwen2-backbone checkpoint in the original layout, shared by most tests."""
+    return checkpoints("original", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def pipe(ckpt):
+    """An in-process pipeline on `ckpt` (float32, CPU); tests must leave its engine idle."""
+    from mmserver import pipeline
+
+    return pipeline(ckpt, device="cpu", dtype="float32")

@@ -160,3 +160,14 @@ def gen_body(prompt: str, images=(), **params) -> dict:
     if images:
         body["multimodal_params"] = {"images": [{"type": "base64", "data": image_b64(im)} for im in images]}
     return body
+
+
+def hang_up(conn, resp=None) -> None:
+    """Drop a client connection at once, as a client that goes away does."""
+    import socket as _socket
+
+    if conn.sock is not None:
+        conn.sock.shutdown(_socket.SHUT_RDWR)
+    if resp is not None:
+        resp.close()
+    conn.close()

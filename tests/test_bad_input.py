@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from mmserver import GenerationConfig, pipeline
@@ -19,7 +18,7 @@ from mmserver.models.registry import load_model
 
 
 @pytest.fixture
-def ckpt(checkpoints, tmp_path) -> Path:
+def broken_ckpt(checkpoints, tmp_path) -> Path:
     """A private copy of the tiny checkpoint that a test may break."""
     dst = tmp_path / "ckpt"
     shutil.copytree(checkpoints("original", "qwen2"), dst)
@@ -44,45 +43,45 @@ def _rewrite_shard(d: Path, key: str, fn) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def test_missing_tensor_is_named(ckpt):
+def test_missing_tensor_is_named(broken_ckpt):
     key = "language_model.model.layers.1.mlp.down_proj.weight"
-    _rewrite_shard(ckpt, key, lambda t: t.pop(key))
+    _rewrite_shard(broken_ckpt, key, lambda t: t.pop(key))
     with pytest.raises(WeightError, match=r"missing .*llm\.layers\.1\.down\.weight"):
-        load_model(ckpt)
+        load_model(broken_ckpt)
 
 
-def test_misshaped_tensor_is_named(ckpt):
+def test_misshaped_tensor_is_named(broken_ckpt):
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
-    _rewrite_shard(ckpt, key, lambda t: t.__setitem__(key, t[key][:-1].clone()))
+    _rewrite_shard(broken_ckpt, key, lambda t: t.__setitem__(key, t[key][:-1].clone()))
     with pytest.raises(WeightError, match=r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight has shape"):
-        load_model(ckpt)
+        load_model(broken_ckpt)
 
 
-def test_truncated_weight_file(ckpt):
-    path = _shard_with(ckpt, "language_model.lm_head.weight")
+def test_truncated_weight_file(broken_ckpt):
+    path = _shard_with(broken_ckpt, "language_model.lm_head.weight")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightError, match=rf"cannot read weight file {path.name}"):
-        load_model(ckpt)
+        load_model(broken_ckpt)
 
 
-def test_missing_shard_file(ckpt):
-    path = _shard_with(ckpt, "language_model.lm_head.weight")
+def test_missing_shard_file(broken_ckpt):
+    path = _shard_with(broken_ckpt, "language_model.lm_head.weight")
     path.unlink()
     with pytest.raises(WeightError, match=rf"missing: {path.name}"):
-        load_model(ckpt)
+        load_model(broken_ckpt)
 
 
-def test_unknown_llm_model_type(ckpt):
-    _edit_config(ckpt, lambda c: c["llm_config"].__setitem__("model_type", "mamba"))
+def test_unknown_llm_model_type(broken_ckpt):
+    _edit_config(broken_ckpt, lambda c: c["llm_config"].__setitem__("model_type", "mamba"))
     with pytest.raises(ConfigError, match=r"llm_config\.model_type 'mamba' is not supported"):
-        load_config(ckpt)
+        load_config(broken_ckpt)
 
 
-def test_pixel_shuffle_v1_refused(ckpt):
-    _edit_config(ckpt, lambda c: c.__setitem__("ps_version", "v1"))
+def test_pixel_shuffle_v1_refused(broken_ckpt):
+    _edit_config(broken_ckpt, lambda c: c.__setitem__("ps_version", "v1"))
     with pytest.raises(ConfigError, match=r"ps_version 'v1' is not supported"):
-        load_config(ckpt)
+        load_config(broken_ckpt)
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -90,15 +89,10 @@ def test_not_a_checkpoint(tmp_path):
         load_config(tmp_path)
 
 
-def test_wrong_image_length_env(ckpt, monkeypatch):
+def test_wrong_image_length_env(broken_ckpt, monkeypatch):
     monkeypatch.setenv("INTERNVL_IMAGE_LENGTH", "128")
     with pytest.raises(ConfigError, match="INTERNVL_IMAGE_LENGTH=128 disagrees"):
-        load_model(ckpt)
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    return pipeline(checkpoints("original", "qwen2"), device="cpu", dtype="float32")
+        load_model(broken_ckpt)
 
 
 def test_more_placeholders_than_images(pipe, image_factory):

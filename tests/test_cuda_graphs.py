@@ -203,11 +203,6 @@ def test_pad_cell_is_never_recorded():
 # The engine on CPU: graphs requested (eager) and emulated graphs
 
 
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    return pipeline(checkpoints("original", "qwen2"), device="cpu", dtype="float32")
-
-
 def _requests(pipe, n: int, seed: int = 0, images: bool = True) -> list[dict]:
     """n requests of mixed prompt lengths and output lengths; with images, two of them carry one."""
     rng = np.random.default_rng(seed)

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mmserver import GenerationConfig, pipeline
+from mmserver import GenerationConfig
 from mmserver.engine.engine import Engine, EngineConfig
 from mmserver.engine.sampling import SamplingParams
 from mmserver.engine.scheduler import Footprint, peak_tokens
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    return pipeline(checkpoints("original", "qwen2"), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

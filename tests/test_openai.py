@@ -14,24 +14,14 @@ import torch
 from safetensors.torch import save
 
 from conftest import random_image
-from mmserver import GenerationConfig, pipeline
+from mmserver import GenerationConfig
 from mmserver.models.internvl.preprocess import num_tiles, preprocess_image
-from server_util import image_b64, shm_segments, start_server, stop_server
+from server_util import hang_up, image_b64, shm_segments, start_server, stop_server
 
 N = 5
 MAX_LEN = 4096  # --max_req_total_len
 FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", str(MAX_LEN),
          "--max_images_per_request", "4", "--image_fetch_timeout", "2"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return checkpoints("original", "qwen2")
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return pipeline(ckpt, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +267,14 @@ def test_embeds_wrong_shape_names_the_expected_shape(server, client):
 
 def test_embeds_segment_freed_on_disconnect(server, pipe, img):
     body = json.dumps({"inputs": "<image>\nA long answer please.", "parameters": {
-        "max_new_tokens": 2000, "ignore_eos": True}, "multimodal_params": {
+        "max_new_tokens": 3500, "ignore_eos": True}, "multimodal_params": {
         "images": [{"type": "embeds", "data": embeds_b64(vit_rows(pipe, img))}]}})
     conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     conn.request("POST", "/generate_stream", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data:")
     assert len(emb_in_segments(server)) == 1  # held while the request runs
-    conn.close()  # hang up mid-stream
+    hang_up(conn, resp)  # mid-stream
     assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
     deadline = time.monotonic() + 10
     while emb_in_segments(server) and time.monotonic() < deadline:

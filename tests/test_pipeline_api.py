@@ -23,16 +23,6 @@ CFG = GenerationConfig(max_new_tokens=N, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return checkpoints("original", "qwen2")
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return pipeline(ckpt, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def img():
     return random_image(448, 448, 51)
 

@@ -14,11 +14,6 @@ N = 5
 
 
 @pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return checkpoints("original", "qwen2")
-
-
-@pytest.fixture(scope="module")
 def requests_and_expected(ckpt):
     pipe = pipeline(ckpt, device="cpu", dtype="float32")
     cases = [("Hello there, tell me a story.", []),

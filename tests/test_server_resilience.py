@@ -13,12 +13,7 @@ import pytest
 
 from conftest import random_image
 from mmserver import GenerationConfig, pipeline
-from server_util import child_named, gen_body, start_server, stop_server
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return checkpoints("original", "qwen2")
+from server_util import child_named, gen_body, hang_up, start_server, stop_server
 
 
 def _open_stream(server, body) -> http.client.HTTPConnection:
@@ -71,8 +66,8 @@ def test_full_cache_waits_then_503_and_never_evicts_in_use(ckpt, tmp_path):
         want = pipe.generate("<image>\nHold.", images=[held_img],
                              gen_config=GenerationConfig(max_new_tokens=3, ignore_eos=True)).token_ids
         assert [t["id"] for t in body["tokens"]] == want
-        conn.close()
-        srv.wait_metric("mmserver_embed_cache_in_use", 0)
+        hang_up(conn, resp)
+        assert srv.wait_metric("mmserver_embed_cache_in_use", 0) == 0
         # Now two requests with different images take turns in the one-record cache.
         bodies = [gen_body("<image>\nA.", [other_img], max_new_tokens=2, ignore_eos=True, return_details=True),
                   gen_body("<image>\nB.", [random_image(300, 600, 43)], max_new_tokens=2, ignore_eos=True,

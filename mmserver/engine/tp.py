@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.parallel import (TPGroup, destroy_tp, init_tp, local_kv_heads, shard_llm_weights,  # noqa: F401
+from ..models.parallel import (TPGroup, destroy_tp, init_tp, local_kv_heads, shard_llm_weights,
                                shard_vision_weights, shard_weights)
+
+__all__ = ["TPGroup", "init_tp", "destroy_tp", "local_kv_heads", "shard_llm_weights", "shard_vision_weights",
+           "shard_weights", "broadcast_batch", "write_token_table", "TPLeader", "follow"]
 
 if TYPE_CHECKING:
     from ..models.llm.decoder import DecoderLM, ForwardBatch
