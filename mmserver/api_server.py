@@ -170,14 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     except ArgError as e:
         fail(str(e))
     configure_logging(args)
-    from transformers import AutoTokenizer
-
     from .models.internvl.config import ConfigError, load_config, stop_token_ids
     from .models.internvl.prompt import PromptError, SpecialIds
+    from .models.internvl.tokenizer import load_tokenizer
 
     try:
         cfg = load_config(args.model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(args.model_dir, trust_remote_code=args.trust_remote_code)
         special = SpecialIds.from_tokenizer(tokenizer)
     except (ConfigError, PromptError, OSError, ValueError) as e:
         fail(f"cannot load {args.model_dir}: {e}")

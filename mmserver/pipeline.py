@@ -38,6 +38,7 @@ from .models.internvl.config import stop_token_ids
 from .models.internvl.preprocess import ImageError, load_image, preprocess_image
 from .models.internvl.prompt import (IMAGE_PLACEHOLDER, PromptError, SpecialIds, build_input_ids, get_template,
                                      question_with_images)
+from .models.internvl.tokenizer import load_tokenizer
 from .models.registry import load_model
 
 IMAGE_TOKEN = IMAGE_PLACEHOLDER  # "<image>": place images yourself in the text of (text, images)
@@ -172,8 +173,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, checkpoint_dtype: str) 
 class Pipeline:
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
                  engine_config: EngineConfig | None = None, progress: bool = True):
-        from transformers import AutoTokenizer
-
         from .models.internvl.config import load_config
 
         self.model_dir = Path(model_dir)
@@ -183,7 +182,7 @@ class Pipeline:
         self.progress = progress
         self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress)
         self.cfg = self.model.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self.template = get_template(self.cfg.template)
         self.stop_token_ids = stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
