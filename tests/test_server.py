@@ -21,8 +21,14 @@ CPU_FLAGS = ["--enable_multimodal", "--max_total_token_num", "40000", "--max_req
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    srv = start_server(ckpt, *CPU_FLAGS, log_dir=tmp_path_factory.mktemp("logs"))
+def media_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory, media_dir):
+    srv = start_server(ckpt, *CPU_FLAGS, "--allowed_local_media_path", str(media_dir),
+                       log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     stop_server(srv)
 
@@ -115,6 +121,39 @@ def test_repeated_image_is_a_cache_hit(server, pipe, image_factory_m):
     assert ids_of(first) == ids_of(second) == expected(pipe, prompt, [img])
 
 
+@pytest.fixture(scope="module")
+def image_url_base(media_dir):
+    """A local HTTP server handing out the files in media_dir."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    t.join()
+
+
+def test_url_and_file_images_equal_base64(server, pipe, media_dir, image_url_base, image_factory_m):
+    img = image_factory_m(700, 500, 71)
+    img.save(media_dir / "photo.png")
+    prompt = "<image>\nWhere was this taken?"
+    want = expected(pipe, prompt, [img])
+    for item in ({"type": "url", "data": f"{image_url_base}/photo.png"},
+                 {"type": "file", "data": str(media_dir / "photo.png")},
+                 {"type": "base64", "data": image_b64(img)}):
+        status, body = server.post("/generate", {"inputs": prompt, "parameters": {
+            "max_new_tokens": N, "ignore_eos": True, "return_details": True},
+            "multimodal_params": {"images": [item]}})
+        assert status == 200, (item["type"], body)
+        assert ids_of(body) == want, item["type"]
+    status, body = server.post("/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+        {"type": "url", "data": f"{image_url_base}/missing.png"}]}})
+    assert status == 400 and "returned HTTP 404" in body["message"]
+
+
 def test_tokens_endpoint_counts_images(server, pipe, cases):
     prompt, images = cases["multi_image"]
     status, body = server.post("/tokens", gen_body(prompt, images))
@@ -187,14 +226,14 @@ def _bad_cases(image_factory_m, silent_url):
         "image_without_placeholder": ({"inputs": "no placeholder", "multimodal_params": {"images": [
             {"type": "base64", "data": img}]}}, 400, "0 image placeholder(s)"),
         "prompt_too_long": ({"inputs": "word " * 9000}, 400, "exceeds max_req_total_len 8192"),
-        "file_images_disabled": ({"inputs": "<image>", "multimodal_params": {"images": [
-            {"type": "file", "data": "/etc/passwd"}]}}, 400, "local files are disabled"),
+        "file_outside_allowed_dir": ({"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "file", "data": "/etc/passwd"}]}}, 400, "outside the allowed directory"),
     }
 
 
 BAD = ["invalid_json", "missing_inputs", "unknown_parameter", "out_of_range", "wrong_type", "broken_base64",
        "not_an_image", "url_no_answer", "image_too_large", "too_many_images", "placeholder_mismatch",
-       "image_without_placeholder", "prompt_too_long", "file_images_disabled"]
+       "image_without_placeholder", "prompt_too_long", "file_outside_allowed_dir"]
 
 
 @pytest.mark.parametrize("name", BAD)

@@ -56,6 +56,9 @@ def test_full_cache_waits_then_503_and_never_evicts_in_use(ckpt, tmp_path):
         t0 = time.monotonic()
         status, body = srv.post("/generate", gen_body("<image>\nNext.", [other_img], max_new_tokens=2))
         assert status == 503 and "cache is full" in body["message"]
+        status, body = srv.post("/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "file", "data": "/etc/passwd"}]}})  # no --allowed_local_media_path on this server
+        assert status == 400 and "local files are disabled" in body["message"]
         assert 2.5 < time.monotonic() - t0 < 15  # waited its bounded time, then gave up
         # The held image was not evicted: the same image is a hit and gives the pipeline's tokens.
         m0 = srv.metrics()
