@@ -150,7 +150,7 @@ class Intake:
         items = [(im.cache_key, im.tiles * self.tokens_per_tile, len(im.loaded.data)) for im in images]
         deadline = loop.time() + self.limits.cache_wait_s
         while True:
-            got = await loop.run_in_executor(self._cache_pool, self.cache.alloc, items)
+            got = await self._alloc(items)
             if got is not None:
                 break
             if loop.time() >= deadline:
@@ -165,6 +165,20 @@ class Intake:
             await self.release(refs)
             raise
         return refs
+
+    async def _alloc(self, items: list[tuple[str, int, int]]):
+        """cache.alloc in the cache thread. If the request is cancelled while the call is in
+        flight, the references it takes are given back when it completes, not leaked."""
+        fut = asyncio.get_running_loop().run_in_executor(self._cache_pool, self.cache.alloc, items)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._release_orphan)
+            raise
+
+    def _release_orphan(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result():
+            self._cache_pool.submit(self.cache.release, [rec[0] for rec in fut.result()])
 
     def _write_embeds(self, items: list[PreparedEmbeds]) -> list[ImageRef]:
         refs: list[ImageRef] = []
