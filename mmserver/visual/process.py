@@ -127,7 +127,7 @@ class VisualServer:
 
 def serve_forever(server: VisualServer, from_http: Connection, to_http: Connection) -> None:
     last_stats = 0.0
-    worker_conns = [w.conn for w in server.workers if w.conn is not None]
+    worker_conns = [w.conn for w in server.workers]
     while True:
         idle_ready = server.jobs and any(not w.busy for w in server.workers)
         for conn in wait([from_http, *worker_conns], 0 if idle_ready else STATS_INTERVAL_S):
@@ -139,7 +139,6 @@ def serve_forever(server: VisualServer, from_http: Connection, to_http: Connecti
                         return
         server.collect()
         server.dispatch()
-        server.collect()  # a local worker finishes inside dispatch
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
             to_http.send(("stats", server.metrics()))

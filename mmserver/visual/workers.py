@@ -8,8 +8,10 @@ object inside the visual server's process; otherwise each leader is a process of
 
 from __future__ import annotations
 
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pipe
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Callable
@@ -108,23 +110,43 @@ def _write(ref: ImageRef, rows: torch.Tensor) -> bool:
 
 
 class LocalWorker:
-    """The group leader lives in the visual server's process: dispatch runs the batch."""
+    """The group leader lives in the visual server's process, on background threads.
 
-    def __init__(self, runner: VitRunner):
+    Two batches may be in flight, so one batch's decoding and tiling (CPU) overlaps the
+    previous batch's forward (GPU). A finished batch wakes the server's loop through `conn`.
+    """
+
+    def __init__(self, runner: VitRunner, depth: int = 2):
         self.runner = runner
-        self.busy = False
-        self._result: BatchResult | None = None
-
-    def dispatch(self, refs: list[ImageRef]) -> None:
-        self._result = self.runner.process(refs)
-
-    def poll(self) -> BatchResult | None:
-        result, self._result = self._result, None
-        return result
+        self.depth = depth
+        self.inflight = 0
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="vit-batch")
+        self._results: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
+        self.conn, self._wake = Pipe(duplex=False)
 
     @property
-    def conn(self) -> Connection | None:
-        return None
+    def busy(self) -> bool:
+        return self.inflight >= self.depth
+
+    def dispatch(self, refs: list[ImageRef]) -> None:
+        self.inflight += 1
+        self._pool.submit(self._run, refs)
+
+    def _run(self, refs: list[ImageRef]) -> None:
+        try:
+            result = self.runner.process(refs)
+        except Exception as e:  # e.g. out of memory: fail these images, keep serving
+            result = BatchResult(failed=[(r.record_id, f"vision encoder failed: {type(e).__name__}: {e}")
+                                         for r in refs])
+        self._results.put(result)
+        self._wake.send_bytes(b"1")
+
+    def poll(self) -> BatchResult | None:
+        if not self.conn.poll():
+            return None
+        self.conn.recv_bytes()
+        self.inflight -= 1
+        return self._results.get()
 
 
 class RemoteWorker:
