@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -216,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__, **bw.run_info(),
         }  # fmt: skip
         out = {"backend": "hf", "config": config, "metrics": metrics, "result_line": line, "batches": records}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        bw.write_report(args.json, out)
     print(line, flush=True)
     return 0
 

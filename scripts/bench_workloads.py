@@ -231,3 +231,14 @@ def run_info() -> dict[str, str]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def write_report(path, report: dict) -> None:
+    """Write a benchmark's JSON report (config, metrics, records), creating the folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -307,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         out = {"backend": "serving", "config": config, "metrics": metrics, "result_line": line,
                "requests": [asdict(r) for r in results]}  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        bw.write_report(args.json, out)
     print(line, flush=True)
     return 0
 

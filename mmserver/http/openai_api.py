@@ -31,7 +31,7 @@ from ..frontend.errors import BadRequest, HTTPError
 from ..frontend.streams import TokenEvent
 from ..models.internvl.prompt import PromptError, get_template
 from .schemas import GenerateRequest, ImageSpec, ParamError, check_image_count, parse_parameters, sampling_params
-from .server import AppState, json_body, outcome_of, prepare
+from .server import AppState, error_middleware, json_body, prepare
 
 log = logging.getLogger("mmserver.http")
 
@@ -299,19 +299,7 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HTTPError as e:
-        request.config_dict["state"].streams.counters.outcome(outcome_of(e.status))
-        return web.json_response(error_body(e.status, e.message, getattr(e, "param", None)), status=e.status)
-    except web.HTTPException:
-        raise
-    except Exception as e:  # a bug must not take the server down; the client gets a 500
-        log.exception("internal error on %s", request.path)
-        request.config_dict["state"].streams.counters.outcome("failed")
-        return web.json_response(error_body(500, f"internal error: {type(e).__name__}: {e}"), status=500)
+openai_errors = error_middleware(error_body)
 
 
 def openai_app() -> web.Application:

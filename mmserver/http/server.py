@@ -37,28 +37,34 @@ class AppState:
     stats: dict[str, dict]
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"message": message}, status=status)
-
-
 def outcome_of(status: int) -> str:
     """The /metrics outcome label of a request that ended with an error `status`."""
     return "rejected" if status < 500 else ("overloaded" if status == 503 else "failed")
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HTTPError as e:
-        request.app["state"].streams.counters.outcome(outcome_of(e.status))
-        return error_response(e.status, e.message)
-    except web.HTTPException:
-        raise
-    except Exception as e:  # a bug must not take the server down; the client gets a 500
-        log.exception("internal error on %s", request.path)
-        request.app["state"].streams.counters.outcome("failed")
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+def error_middleware(render: Callable[[int, str, str | None], dict]):
+    """Turn HTTPError (and, as a 500, any bug) into JSON `render(status, message, param)`,
+    counting the outcome; the server keeps serving either way."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        counters = request.config_dict["state"].streams.counters
+        try:
+            return await handler(request)
+        except HTTPError as e:
+            counters.outcome(outcome_of(e.status))
+            return web.json_response(render(e.status, e.message, getattr(e, "param", None)), status=e.status)
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug must not take the server down; the client gets a 500
+            log.exception("internal error on %s", request.path)
+            counters.outcome("failed")
+            return web.json_response(render(500, f"internal error: {type(e).__name__}: {e}", None), status=500)
+
+    return middleware
+
+
+errors_middleware = error_middleware(lambda status, message, param: {"message": message})
 
 
 async def json_body(request: web.Request) -> Any:
