@@ -300,7 +300,8 @@ class Pipeline:
         try:
             for index, p in enumerate(prepared):
                 rid = self.engine.add_request(p.ids, _copy_params(params), **self._image_inputs(p.visuals))
-                detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences))
+                detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences),
+                                               prompt_ids=p.ids)
                 live[rid] = _Live(index, len(p.ids), detok)
             while live:
                 for out in self.engine.step():

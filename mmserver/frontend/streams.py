@@ -72,8 +72,7 @@ class Streams:
         for rid, q in self.queues.items():
             q.put_nowait((rid, -1, 0.0, True, f"unavailable:{reason}"))
 
-    async def run(self, req: ServeRequest, refs: list[ImageRef], skip_special: bool,
-                  prompt_ids_tail: list[int]) -> AsyncIterator[TokenEvent]:
+    async def run(self, req: ServeRequest, refs: list[ImageRef], skip_special: bool) -> AsyncIterator[TokenEvent]:
         """Submit `req` and yield one event per generated token; the last has finished=True."""
         if self.failure:
             await self.release(refs)
@@ -86,7 +85,7 @@ class Streams:
             (self.to_visual if via_visual else self.to_router).send(("req", req))
             self.counters.prompt_tokens += len(req.input_ids)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special, req.params.stop_sequences,
-                                           prompt_ids=prompt_ids_tail)
+                                           prompt_ids=req.input_ids)
             count = 0
             while True:
                 rid, tok, logprob, done, reason = await q.get()

@@ -21,7 +21,6 @@ from .schemas import GenerateRequest, parse_generate
 
 log = logging.getLogger("mmserver.http")
 
-PROMPT_CONTEXT_TOKENS = 5  # prompt ids the detokenizer sees, so the first word keeps its space
 
 
 @dataclass
@@ -79,7 +78,7 @@ async def json_body(request: web.Request) -> Any:
 
 
 async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = False
-                  ) -> tuple[ServeRequest, list, list[int]]:
+                  ) -> tuple[ServeRequest, list]:
     """Validate, load images, tokenize and take cache references (released by the stream).
 
     With `fit_to_context`, max_new_tokens is lowered to the room the prompt leaves in
@@ -97,7 +96,7 @@ async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = 
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     refs = await state.intake.take_cache_refs(images)
     serve = ServeRequest(state.streams.new_id(), ids, req.params, refs)
-    return serve, refs, ids[-PROMPT_CONTEXT_TOKENS:]
+    return serve, refs
 
 
 def _fit_max_new_tokens(params: SamplingParams, n_prompt: int, max_req_len: int) -> None:
@@ -110,10 +109,10 @@ def _fit_max_new_tokens(params: SamplingParams, n_prompt: int, max_req_len: int)
 async def generate(request: web.Request) -> web.Response:
     state: AppState = request.app["state"]
     req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs, tail = await prepare(state, req)
+    serve, refs = await prepare(state, req)
     tokens = []
     last = None
-    async with contextlib.aclosing(state.streams.run(serve, refs, req.skip_special_tokens, tail)) as events:
+    async with contextlib.aclosing(state.streams.run(serve, refs, req.skip_special_tokens)) as events:
         async for ev in events:
             last = ev
             if req.return_details:
@@ -130,8 +129,8 @@ async def generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     state: AppState = request.app["state"]
     req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs, tail = await prepare(state, req)
-    events = state.streams.run(serve, refs, req.skip_special_tokens, tail)
+    serve, refs = await prepare(state, req)
+    events = state.streams.run(serve, refs, req.skip_special_tokens)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     async with contextlib.aclosing(events):
         first = await anext(events)  # errors before the first token still get a proper status
