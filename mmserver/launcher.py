@@ -139,7 +139,7 @@ class Cluster:
 
 
 def new_cluster() -> Cluster:
-    prefix = f"mms{os.getpid()}{secrets.token_hex(3)}-"
+    prefix = f"mms{os.getpid()}-{secrets.token_hex(3)}-"  # pid first: tools can tell servers apart
     return Cluster(prefix=prefix, workdir=tempfile.mkdtemp(prefix="mmserver-"))
 
 

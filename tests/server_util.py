@@ -63,7 +63,7 @@ def child_named(server: "Server", name: str) -> int:
 
 
 def shm_segments(pid: int) -> list[str]:
-    return [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mms{pid}")]
+    return [p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"mms{pid}-")]
 
 
 @dataclass
