@@ -17,15 +17,6 @@ HEALTH_POLL_S = 0.25
 SHUTDOWN_GRACE_S = 3.0  # in-flight requests get this long to end after SIGTERM
 
 
-def _itemsize(args: ServerArgs, checkpoint_dtype: str) -> int:
-    import torch
-
-    from .pipeline import resolve_dtype
-
-    return torch.tensor([], dtype=resolve_dtype(args.data_type or "auto", args.resolved_device,
-                                                 checkpoint_dtype)).element_size()
-
-
 def _start_vit_workers(args: ServerArgs, cluster: Cluster) -> list:
     """visual_dp groups of visual_tp ranks, each rank a process; returns the leaders' pipes.
 
@@ -65,7 +56,7 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) 
     if args.enable_multimodal:
         socket_path = os.path.join(cluster.workdir, "cache.sock")
         cluster.start("embed_cache", run_cache, args.log_level, prefix=cluster.prefix, socket_path=socket_path,
-                      hidden_size=cfg.llm.hidden_size, itemsize=_itemsize(args, cfg.torch_dtype),
+                      hidden_size=cfg.llm.hidden_size, itemsize=args.compute_dtype(cfg.torch_dtype).itemsize,
                       capacity=args.cache_capacity, max_bytes=args.cache_max_bytes)
         remote = _start_vit_workers(args, cluster)
         http_to_visual_r, http_to_visual_w = pipe()
@@ -94,13 +85,11 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
     from .frontend.streams import Streams
     from .http.server import AppState, build_app
-    from .pipeline import resolve_dtype
-
     loop = asyncio.get_running_loop()
     session = aiohttp.ClientSession()
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
     max_req_len = ends["router_info"]["max_req_len"]
-    model_dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)  # as the router's
+    model_dtype = args.compute_dtype(cfg.torch_dtype)
     intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
                     IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
                                  max_req_len, args.cache_wait_s), cache, session,

@@ -52,6 +52,14 @@ class ServerArgs:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def compute_dtype(self, checkpoint_dtype: str):
+        """The dtype every process runs the model in: --data_type, else the checkpoint's on
+        GPU and float32 on CPU. One definition, so the router, the ViT workers, the cache and
+        the HTTP process agree on the bytes of an embedding."""
+        from .pipeline import resolve_dtype
+
+        return resolve_dtype(self.data_type or "auto", self.resolved_device, checkpoint_dtype)
+
 
 class ArgError(ValueError):
     """A bad flag or environment value; the message names it."""

@@ -92,15 +92,13 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     from ..models.internvl.config import load_config
     from ..models.internvl.model import load_sharded_weights
     from ..models.llm.decoder import DecoderLM
-    from ..pipeline import resolve_dtype
-
     device = args.resolved_device
     tp = init_tp(tp_rank, args.tp, init_method)
     if device == "cuda":
         torch.cuda.set_device(tp_rank % torch.cuda.device_count())
         device = f"cuda:{torch.cuda.current_device()}"
     cfg = load_config(args.model_dir)
-    dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)
+    dtype = args.compute_dtype(cfg.torch_dtype)
     weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("llm",), progress=False)
     llm = DecoderLM(cfg.llm, weights, tp=tp if tp.size > 1 else None)
     engine_cfg = engine_config_for(args, llm)

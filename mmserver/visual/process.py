@@ -153,15 +153,13 @@ def _load_encoder(args, tp=None):
     from ..models.internvl.config import load_config
     from ..models.internvl.model import load_sharded_weights
     from ..models.internvl.vision import VisionEncoder
-    from ..pipeline import resolve_dtype
-
     import torch
 
     device = args.resolved_device
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     cfg = load_config(args.model_dir)
-    dtype = resolve_dtype(args.data_type or "auto", args.resolved_device, cfg.torch_dtype)
+    dtype = args.compute_dtype(cfg.torch_dtype)
     weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("vision",), progress=False)
     return cfg, VisionEncoder(cfg, weights, tp=tp)
 
