@@ -106,21 +106,13 @@ class HFRunner:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", required=True, help="transformers-layout InternVL checkpoint")
-    p.add_argument("--workload", choices=sorted(bw.WORKLOADS), required=True)
-    p.add_argument("--num-requests", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--output-len", type=int, required=True)
-    p.add_argument("--json", type=Path, default=None)
+    bw.add_workload_args(p, "--batch-size", "requests per generate() call (static batch)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-tokens", type=int, default=30)
     p.add_argument("--max-patches", type=int, default=12)
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (distinct images)")
     args = p.parse_args(argv)
-    for name in ("num_requests", "batch_size", "output_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    bw.check_positive(p, args, ("num_requests", "batch_size", "output_len"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA is not available; pass --device cpu")
     return args

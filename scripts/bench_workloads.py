@@ -242,3 +242,23 @@ def write_report(path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+
+
+def add_workload_args(p, parallel_flag: str, parallel_help: str) -> None:
+    """The flags both benchmarks share, so a workload means the same in either; `parallel_flag`
+    is how many requests run at once (--concurrency for a server, --batch-size for generate)."""
+    from pathlib import Path
+
+    p.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    p.add_argument("--num-requests", type=int, required=True)
+    p.add_argument(parallel_flag, type=int, required=True, help=parallel_help)
+    p.add_argument("--output-len", type=int, required=True)
+    p.add_argument("--json", type=Path, default=None, help="write config + metrics + per-request records here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-tokens", type=int, default=30, help="approximate words of question text")
+
+
+def check_positive(p, args, names: Sequence[str]) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")

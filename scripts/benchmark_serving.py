@@ -256,19 +256,11 @@ def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestRes
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="server base URL (or the full /generate_stream URL)")
-    p.add_argument("--workload", choices=sorted(bw.WORKLOADS), required=True)
-    p.add_argument("--num-requests", type=int, required=True)
-    p.add_argument("--concurrency", type=int, required=True)
-    p.add_argument("--output-len", type=int, required=True)
-    p.add_argument("--json", type=Path, default=None, help="write config + metrics + per-request records here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-tokens", type=int, default=30, help="approximate words of question text")
+    bw.add_workload_args(p, "--concurrency", "requests in flight at once")
     p.add_argument("--warmup", type=int, default=0, help="uncounted requests sent first (distinct images)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request socket read timeout (s)")
     args = p.parse_args(argv)
-    for name in ("num_requests", "concurrency", "output_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    bw.check_positive(p, args, ("num_requests", "concurrency", "output_len"))
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     return args

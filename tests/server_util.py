@@ -171,3 +171,26 @@ def hang_up(conn, resp=None) -> None:
     if resp is not None:
         resp.close()
     conn.close()
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path):
+    """A local HTTP server handing out the files in `directory`; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler,
+                                                                                  directory=str(directory)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

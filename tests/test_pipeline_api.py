@@ -5,16 +5,15 @@ sessions, IMAGE_TOKEN placement, streaming, embeddings inputs, URLs and checkpoi
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import shutil
-import threading
 
 import pytest
 import torch
 
 from conftest import random_image
+from server_util import serve_directory
 from mmserver import IMAGE_TOKEN, GenerationConfig, Session, pipeline
 from mmserver.models.internvl.preprocess import preprocess_image
 
@@ -137,26 +136,11 @@ def test_embeddings_in_place_of_an_image(pipe, img):
 
 
 @pytest.fixture
-def image_url_server(img):
+def image_url_server(img, tmp_path):
     """A local HTTP server that serves `img` as /img.png."""
-    body = png_bytes(img)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/img.png" else 404)
-            self.end_headers()
-            if self.path == "/img.png":
-                self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    img.save(tmp_path / "img.png")
+    with serve_directory(tmp_path) as url:
+        yield url
 
 
 def test_image_urls(pipe, img, image_url_server):

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mmserver import GenerationConfig
-from server_util import alive, gen_body, hang_up, image_b64, shm_segments, start_server, stop_server
+from server_util import (alive, gen_body, hang_up, image_b64, serve_directory, shm_segments, start_server,
+                         stop_server)
 
 N = 6
 CPU_FLAGS = ["--enable_multimodal", "--max_total_token_num", "40000", "--max_req_total_len", "8192",
@@ -123,17 +124,8 @@ def test_repeated_image_is_a_cache_hit(server, pipe, image_factory_m):
 
 @pytest.fixture(scope="module")
 def image_url_base(media_dir):
-    """A local HTTP server handing out the files in media_dir."""
-    import functools
-    import http.server
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    t.join()
+    with serve_directory(media_dir) as url:
+        yield url
 
 
 def test_url_and_file_images_equal_base64(server, pipe, media_dir, image_url_base, image_factory_m):
