@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     except ArgError as e:
         fail(str(e))
     configure_logging(args)
+    args.limit_cpu_threads()
     from .models.internvl.config import ConfigError, load_config, stop_token_ids
     from .models.internvl.prompt import PromptError, SpecialIds
     from .models.internvl.tokenizer import load_tokenizer

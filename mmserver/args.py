@@ -52,6 +52,17 @@ class ServerArgs:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def limit_cpu_threads(self) -> None:
+        """With the model on a GPU, torch's CPU ops here are small copies: one thread each.
+
+        Otherwise every process brings an OpenMP team as wide as the machine, and their
+        spinning threads take the cores the image decoding threads need (vLLM does the same).
+        OMP_NUM_THREADS, when set, is respected."""
+        if self.resolved_device == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+            import torch
+
+            torch.set_num_threads(1)
+
     def compute_dtype(self, checkpoint_dtype: str):
         """The dtype every process runs the model in: --data_type, else the checkpoint's on
         GPU and float32 on CPU. One definition, so the router, the ViT workers, the cache and

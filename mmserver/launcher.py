@@ -66,6 +66,8 @@ def _child_entry(name: str, target: Callable, kwargs: dict, status: Connection, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind, running cleanup code
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    if hasattr(kwargs.get("args"), "limit_cpu_threads"):
+        kwargs["args"].limit_cpu_threads()
     try:
         target(ready=lambda info=None: status.send(("ready", info)), **kwargs)
     except BaseException:

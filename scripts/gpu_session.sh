@@ -5,7 +5,7 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 else
   export PYTHONPATH=$PWD
 fi
@@ -19,9 +19,26 @@ if [[ $STEPS == *check* ]]; then
   timeout 200 python3 scripts/gpu_check.py /tmp/tiny 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
 fi
 SIZE=${SIZE:-1b}
-CKPT=/tmp/ckpt-$SIZE
-if [[ $STEPS == *graphs* || $STEPS == *bench* ]] && [ ! -d "$CKPT" ]; then
-  python3 scripts/make_tiny_internvl.py --out "$CKPT" --layout hf --size "$SIZE" --dtype bfloat16 >/dev/null
+# RAM-backed: writing the 16 GB 8B checkpoint to the machine's disk takes minutes
+CKPT=${CKPT_ROOT:-/dev/shm}/ckpt-$SIZE
+if [[ $STEPS == *graphs* || $STEPS == *bench* || $STEPS == *vit* || $STEPS == *decode* ]] && [ ! -d "$CKPT" ]; then
+  df -h "$(dirname "$CKPT")" | tail -1
+  # random values drawn on the GPU: seconds for the 8B size, where the CPU takes minutes
+  /usr/bin/time -f "checkpoint written in %e s" python3 scripts/make_tiny_internvl.py --out "$CKPT" --layout hf \
+    --size "$SIZE" --dtype bfloat16 --device "${GEN_DEVICE:-cuda}" 2>&1 | tail -1
+fi
+if [[ $STEPS == *vit* ]]; then  # encoder alone, beside a decoding thread, beside a decoding process
+  timeout 120 python3 scripts/bench_vit.py --model_dir "$CKPT" 2>&1 | grep -v Warn | tee "$OUT/vit.log"
+  timeout 150 python3 scripts/bench_vit.py --model_dir "$CKPT" --decode-batch 64 --no-sdpa 2>&1 | grep -v Warn | tee -a "$OUT/vit.log"
+  python3 scripts/bench_decode.py --model_dir "$CKPT" --batch-sizes 64 --steps 100000 >/dev/null 2>&1 &
+  DEC=$!; sleep 25
+  echo "beside a decoding process:" | tee -a "$OUT/vit.log"
+  timeout 120 python3 scripts/bench_vit.py --model_dir "$CKPT" --no-sdpa 2>&1 | grep -v Warn | tee -a "$OUT/vit.log"
+  kill $DEC; wait $DEC 2>/dev/null
+fi
+if [[ $STEPS == *decode* ]]; then
+  timeout 240 python3 scripts/bench_decode.py --model_dir "$CKPT" --batch-sizes 1,8,64 --steps 30 --profile 2>&1 \
+    | grep -v "Warn\|INFO" | tee -a "$OUT/decode.log"
 fi
 if [[ $STEPS == *graphs* ]]; then
   timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py -k on_gpu 2>&1 | tail -6 | tee "$OUT/graph_tests.log"
@@ -30,16 +47,30 @@ if [[ $STEPS == *graphs* ]]; then
   done
 fi
 if [[ $STEPS == *bench* ]]; then
-  N=${N:-256}; C=${C:-64}; L=${L:-128}; W=${W:-W1}
-  python3 -m mmserver.api_server --model_dir "$CKPT" --enable_multimodal --port 8000 ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
-  SRV=$!
-  for i in $(seq 1 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
-  timeout 240 python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests "$N" \
-    --concurrency "$C" --output-len "$L" --warmup 8 --json "$OUT/mmserver_${W}_${SIZE}.json" 2>&1 | tail -25 | tee "$OUT/bench.log"
-  curl -s localhost:8000/metrics > "$OUT/metrics.txt"
-  kill -TERM $SRV; wait $SRV
+  N=${N:-256}; C=${C:-64}; L=${L:-128}
+  for W in ${W:-W1}; do  # W="W1 W2": one server start per workload
+    python3 -m mmserver.api_server --model_dir "$CKPT" --enable_multimodal --port 8000 ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
+    SRV=$!
+    for i in $(seq 1 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+    timeout 240 python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests "$N" \
+      --concurrency "$C" --output-len "$L" --warmup 8 --json "$OUT/mmserver_${W}_${SIZE}.json" 2>&1 | tail -14
+    curl -s localhost:8000/metrics > "$OUT/metrics_${W}_${SIZE}.txt"
+    grep -v "^#" "$OUT/metrics_${W}_${SIZE}.txt" | grep "ttft_stage\|vit_.*seconds\|requests_total"
+    if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then  # where each process spends its time
+      python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests 512 \
+        --concurrency "$C" --output-len "$L" --seed 7 >/dev/null 2>&1 &
+      BENCH=$!; sleep 6
+      for name in http visual router; do
+        pid=$SRV; [ $name != http ] && pid=$(pgrep -x "mms-$name" | head -1)
+        py-spy record --nonblocking -p "$pid" -d 4 -r 250 --format raw -o "$OUT/prof_$name.txt" >/dev/null 2>&1 &
+      done
+      wait $BENCH
+    fi
+    kill -TERM $SRV; wait $SRV
+  done
   if [ "${HF:-1}" = 1 ]; then
-    timeout 200 python3 scripts/bench_hf.py --model_dir "$CKPT" --workload "$W" --num-requests "${HF_N:-128}" \
+    W=${HF_W:-W1}
+    timeout 240 python3 scripts/bench_hf.py --model_dir "$CKPT" --workload "$W" --num-requests "${HF_N:-128}" \
       --batch-size "${HF_B:-64}" --output-len "$L" --dtype bfloat16 --device cuda --json "$OUT/hf_${W}_${SIZE}.json" 2>&1 | tail -5 | tee "$OUT/hf.log"
   fi
 fi

@@ -342,3 +342,12 @@ def test_load_image_decompression_bomb(monkeypatch: pytest.MonkeyPatch, limit: i
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     with pytest.raises(ImageError, match=r"image 0: image is too large.*decompression bomb"):
         load_image(data)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalize_on_gpu_is_bitwise_the_cpu() -> None:
+    """Servers normalise tiles on the GPU: it must give the reference's bits."""
+    from mmserver.models.internvl.preprocess import normalize_pixels
+
+    raw = torch.randint(0, 256, (3, 448, 448, 3), dtype=torch.uint8)
+    assert torch.equal(normalize_pixels(raw.cuda()).cpu(), normalize_pixels(raw))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmserver import GenerationConfig, pipeline
-from mmserver.models.internvl.preprocess import preprocess_image
+from mmserver.models.internvl.preprocess import normalize_pixels, preprocess_image, tile_pixels
 
 from hf_reference import hf_greedy, hf_image_features, hf_pixel_values
 
@@ -87,6 +87,16 @@ def test_vit_features_match_transformers(pipe, qwen_dirs, image_factory):
     ref = hf_image_features(qwen_dirs[1], pixels)
     assert ours.shape == ref.shape == (13, 256, pipe.cfg.llm.hidden_size)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_vit_takes_raw_uint8_tiles(pipe, image_factory):
+    """The server's ViT workers send uint8 tiles and normalise on the device: same embeddings."""
+    image = image_factory(640, 480, 7)
+    raw = tile_pixels(image, max_num=12)
+    assert raw.dtype == torch.uint8 and raw.shape == (13, 448, 448, 3)
+    assert torch.equal(normalize_pixels(raw), preprocess_image(image, max_num=12))
+    vision = pipe.model.vision
+    assert torch.equal(vision.encode(raw), vision.encode(preprocess_image(image, max_num=12)))
 
 
 def test_layouts_give_identical_outputs(pipe, qwen_dirs, image_factory):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import socket
 import threading
@@ -194,8 +196,18 @@ def silent_url():
     sock.close()
 
 
+def _truncated_png_b64(img) -> str:
+    """A PNG whose header is intact (the HTTP process reads only that) but whose pixel data
+    stops half way: the ViT worker's decode fails, and that must still be the client's 400."""
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    data = buf.getvalue()
+    return base64.b64encode(data[:len(data) // 2]).decode()
+
+
 def _bad_cases(image_factory_m, silent_url):
     img = image_b64(image_factory_m(64, 64, 1))
+    truncated = _truncated_png_b64(image_factory_m(96, 80, 5))
     big = image_factory_m(1200, 1200, 2)  # noise PNG over the 3 MB cap
     return {
         "invalid_json": (b"{not json", 400, "invalid JSON"),
@@ -207,6 +219,10 @@ def _bad_cases(image_factory_m, silent_url):
                           400, "invalid base64"),
         "not_an_image": ({"inputs": "<image>", "multimodal_params": {"images": [
             {"type": "base64", "data": "aGVsbG8gd29ybGQ="}]}}, 400, "cannot decode as an image"),
+        "truncated_image": ({"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "base64", "data": truncated}]}}, 400, "image 0: cannot decode"),
+        "truncated_second_image": ({"inputs": "<image><image>", "multimodal_params": {"images": [
+            {"type": "base64", "data": img}, {"type": "base64", "data": truncated}]}}, 400, "image 1: cannot decode"),
         "url_no_answer": ({"inputs": "<image>", "multimodal_params": {"images": [{"type": "url", "data": silent_url}]}},
                           400, "timed out"),
         "image_too_large": ({"inputs": "<image>", "multimodal_params": {"images": [
@@ -224,7 +240,7 @@ def _bad_cases(image_factory_m, silent_url):
 
 
 BAD = ["invalid_json", "missing_inputs", "unknown_parameter", "out_of_range", "wrong_type", "broken_base64",
-       "not_an_image", "url_no_answer", "image_too_large", "too_many_images", "placeholder_mismatch",
+       "not_an_image", "truncated_image", "truncated_second_image", "url_no_answer", "image_too_large", "too_many_images", "placeholder_mismatch",
        "image_without_placeholder", "prompt_too_long", "file_outside_allowed_dir"]
 
 
@@ -238,6 +254,33 @@ def test_bad_input(server, image_factory_m, silent_url, name):
     assert time.monotonic() - t0 < 10  # bounded, even for the silent URL
     ok_status, ok = server.post("/generate", gen_body("still alive?", max_new_tokens=2, ignore_eos=True))
     assert ok_status == 200 and ok["count_output_tokens"] == 2
+
+
+STAGES = ("http_intake", "visual", "router", "total")
+
+
+def _stage_metrics(server) -> dict[str, tuple[float, float]]:
+    m = server.metrics()
+    return {s: (m[f'mmserver_ttft_stage_seconds_total{{stage="{s}"}}'],
+                m[f'mmserver_ttft_stage_requests_total{{stage="{s}"}}']) for s in STAGES}
+
+
+def test_ttft_breakdown_metrics(server, image_factory_m):
+    before = _stage_metrics(server)
+    body = gen_body("<image> Describe it.", [image_factory_m(90, 70, 21)], max_new_tokens=2, ignore_eos=True)
+    status, out = server.post("/generate", body)
+    assert status == 200, out
+    deadline = time.monotonic() + 10  # router and visual stats arrive every 0.2 s
+    while time.monotonic() < deadline:
+        after = _stage_metrics(server)
+        if all(after[s][1] > before[s][1] for s in STAGES):
+            break
+        time.sleep(0.1)
+    spent = {s: after[s][0] - before[s][0] for s in STAGES}
+    assert all(after[s][1] == before[s][1] + 1 for s in STAGES), (before, after)
+    assert all(spent[s] > 0 for s in STAGES), spent
+    # the stages are consecutive parts of the time to the first token
+    assert spent["http_intake"] + spent["visual"] + spent["router"] <= spent["total"] + 1e-3, spent
 
 
 def test_client_disconnect_frees_kv(server):

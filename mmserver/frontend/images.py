@@ -1,5 +1,8 @@
 """Image intake for the HTTP server: bytes from base64, http(s) URLs or allowed local files,
-checked, hashed and measured without blocking the event loop."""
+checked, hashed and measured without blocking the event loop.
+
+Only the header is read here (size, format): the pixels are decoded once, by the ViT worker,
+which reports a corrupt or truncated body as a 400 for the request too (see visual/process.py)."""
 
 from __future__ import annotations
 
@@ -71,10 +74,9 @@ def read_local(path: str, index: int, allowed_dir: str | None, max_bytes: int) -
 
 
 def inspect(data: bytes, index: int) -> LoadedImage:
-    """Decode fully (so a truncated file fails here, with a 400) and hash. Runs in a thread."""
+    """Read the header (format and size, which fix the tile count) and hash. Runs in a thread."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
             width, height = img.size
     except Image.DecompressionBombError as e:
         raise TooLarge(f"image {index}: too many pixels ({e})") from None
@@ -82,7 +84,23 @@ def inspect(data: bytes, index: int) -> LoadedImage:
         raise BadRequest(f"image {index}: cannot decode as an image ({type(e).__name__}: {e})") from None
     if width < 1 or height < 1:
         raise BadRequest(f"image {index}: empty image")
+    limit = Image.MAX_IMAGE_PIXELS  # PIL only warns between 1x and 2x this: refuse the whole band
+    if limit and width * height > limit:
+        raise TooLarge(f"image {index}: too many pixels ({width}x{height} = {width * height}, limit {limit})")
     return LoadedImage(data, hashlib.md5(data).hexdigest(), width, height)
+
+
+def inspect_base64(data: str, index: int, max_bytes: int) -> LoadedImage:
+    """base64 → bytes → `inspect`, all in the calling thread (decoding a large body is not free)."""
+    return inspect(check_size(_decode_base64(data, index), index, max_bytes), index)
+
+
+def check_size(raw: bytes, index: int, max_bytes: int) -> bytes:
+    if len(raw) > max_bytes:
+        raise TooLarge(f"image {index}: {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    if not raw:
+        raise BadRequest(f"image {index}: empty data")
+    return raw
 
 
 async def load(spec_type: str, data: str, index: int, *, session: aiohttp.ClientSession, timeout: float,
@@ -98,8 +116,4 @@ async def load(spec_type: str, data: str, index: int, *, session: aiohttp.Client
         raw = await asyncio.to_thread(read_local, data, index, allowed_dir, max_bytes)
     else:
         raise BadRequest(f"image {index}: type {spec_type!r} is not supported here")
-    if len(raw) > max_bytes:
-        raise TooLarge(f"image {index}: {len(raw)} bytes exceeds the {max_bytes}-byte limit")
-    if not raw:
-        raise BadRequest(f"image {index}: empty data")
-    return raw
+    return check_size(raw, index, max_bytes)

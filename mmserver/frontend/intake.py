@@ -90,9 +90,13 @@ class Intake:
             loop = asyncio.get_running_loop()
             if spec.type == "embeds":
                 return await loop.run_in_executor(self._decode_pool, self._load_embeds, spec.data, i)
-            raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
-                                      max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
-            loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
+            if spec.type == "base64" or (spec.type == "url" and spec.data.startswith("data:")):
+                loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect_base64, spec.data, i,
+                                                    l.max_image_bytes)
+            else:
+                raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
+                                          max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
+                loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
             cap = spec.max_patch or (request_cap if request_cap > 0 else self.default_cap)
             tiles = num_tiles(loaded.width, loaded.height, max_num=cap, min_num=self.cfg.min_dynamic_patch,
                               use_thumbnail=self.cfg.use_thumbnail)

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import AsyncIterator, Callable
 
 from ..router.messages import ImageRef, ServeRequest, TokenOut
 from .detokenize import IncrementalDetokenizer, token_text
-from .errors import HTTPError, Unavailable
+from .errors import BadRequest, HTTPError, Unavailable
+
+# A token of -1 ends a request with one of these finish reasons, "<kind>:<message>".
+_FAILURES = {"error": lambda m: HTTPError(m, 500), "invalid": BadRequest, "unavailable": Unavailable}
+_FAILURE_PREFIXES = tuple(f"{kind}:" for kind in _FAILURES)
 
 
 @dataclass
@@ -36,9 +41,16 @@ class Counters:
     requests: dict[str, int] = field(default_factory=dict)  # by outcome
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    # TTFT breakdown measured here: stage → [seconds, requests]
+    stages: dict[str, list] = field(default_factory=dict)
 
     def outcome(self, name: str) -> None:
         self.requests[name] = self.requests.get(name, 0) + 1
+
+    def stage(self, name: str, seconds: float) -> None:
+        entry = self.stages.setdefault(name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
 
 
 class Streams:
@@ -82,6 +94,8 @@ class Streams:
         via_visual = any(r.needs_vit for r in refs)
         finished = False
         try:
+            req.t_sent = time.monotonic()
+            self.counters.stage("http_intake", req.t_sent - req.t_arrival)
             (self.to_visual if via_visual else self.to_router).send(("req", req))
             self.counters.prompt_tokens += len(req.input_ids)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special, req.params.stop_sequences,
@@ -89,11 +103,13 @@ class Streams:
             count = 0
             while True:
                 rid, tok, logprob, done, reason = await q.get()
-                if reason is not None and (reason.startswith("error:") or reason.startswith("unavailable:")):
+                if reason is not None and reason.startswith(_FAILURE_PREFIXES):
                     kind, _, message = reason.partition(":")
                     finished = True
-                    raise (Unavailable(message) if kind == "unavailable" else HTTPError(message, 500))
+                    raise _FAILURES[kind](message)
                 count += 1
+                if count == 1:
+                    self.counters.stage("total", time.monotonic() - req.t_arrival)
                 self.counters.generated_tokens += 1
                 text = detok.push(tok)
                 if detok.stopped and not done:

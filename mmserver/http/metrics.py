@@ -9,6 +9,24 @@ def _line(name: str, value: float, help_text: str, kind: str = "gauge", labels: 
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
 
 
+def _ttft_stages(counters: Counters, router: dict, visual: dict) -> list[str]:
+    """Where time to first token goes, as sums and counts per stage (mean = seconds / requests):
+    http_intake (body upload and parse, image intake, tokenization, cache references), visual
+    (waiting for and running the ViT), router (admission, prefill, first sampled token), total
+    (handler start to the first token in the HTTP process: the rest is delivery between them)."""
+    stages = {name: tuple(v) for name, v in counters.stages.items()}
+    stages["visual"] = (visual.get("ttft_visual_s", 0.0), visual.get("ttft_visual_n", 0))
+    stages["router"] = (router.get("ttft_router_s", 0.0), router.get("ttft_router_n", 0))
+    lines = ["# HELP mmserver_ttft_stage_seconds_total Seconds requests spent in each stage before their first token",
+             "# TYPE mmserver_ttft_stage_seconds_total counter"]
+    order = ("http_intake", "visual", "router", "total")
+    lines += [f'mmserver_ttft_stage_seconds_total{{stage="{n}"}} {round(stages.get(n, (0.0, 0))[0], 6)}' for n in order]
+    lines += ["# HELP mmserver_ttft_stage_requests_total Requests counted in each stage's seconds",
+              "# TYPE mmserver_ttft_stage_requests_total counter"]
+    lines += [f'mmserver_ttft_stage_requests_total{{stage="{n}"}} {stages.get(n, (0.0, 0))[1]}' for n in order]
+    return lines
+
+
 def render_metrics(counters: Counters, router: dict, visual: dict, cache: dict, in_flight: int) -> str:
     lines = ["# HELP mmserver_requests_total Finished HTTP generation requests by outcome",
              "# TYPE mmserver_requests_total counter"]
@@ -36,6 +54,7 @@ def render_metrics(counters: Counters, router: dict, visual: dict, cache: dict, 
                    "Seconds spent decoding and tiling images", "counter")
     lines += _line("mmserver_vit_encode_seconds_total", round(visual.get("vit_encode_seconds", 0.0), 6),
                    "Seconds spent in the ViT forward (device time included)", "counter")
+    lines += _ttft_stages(counters, router, visual)
     lines += ["# HELP mmserver_vit_batches_total ViT batches by size (images)", "# TYPE mmserver_vit_batches_total counter"]
     for size, n in sorted(visual.get("vit_batch_sizes", {}).items()):
         lines.append(f'mmserver_vit_batches_total{{size="{size}"}} {n}')

@@ -229,7 +229,8 @@ def _finish_reason(reason: str | None) -> str:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: AppState = request.config_dict["state"]
     chat = parse_chat(await json_body(request), state)
-    serve, refs = await prepare(state, chat.generate, fit_to_context=chat.fit_to_context)
+    serve, refs = await prepare(state, chat.generate, fit_to_context=chat.fit_to_context,
+                                arrival=request.get("arrival"))
     done = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name, len(serve.input_ids))
     # The stream starts at once in either branch, so it always releases the references.
     events = state.streams.run(serve, refs, chat.generate.skip_special_tokens)

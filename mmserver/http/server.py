@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,6 +49,7 @@ def error_middleware(render: Callable[[int, str, str | None], dict]):
     @web.middleware
     async def middleware(request: web.Request, handler):
         counters = request.config_dict["state"].streams.counters
+        request["arrival"] = time.monotonic()  # TTFT breakdown: the body's upload and parse count as intake
         try:
             return await handler(request)
         except HTTPError as e:
@@ -77,8 +79,8 @@ async def json_body(request: web.Request) -> Any:
         raise TooLarge(f"request body too large ({e.text})") from None
 
 
-async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = False
-                  ) -> tuple[ServeRequest, list]:
+async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = False,
+                  arrival: float | None = None) -> tuple[ServeRequest, list]:
     """Validate, load images, tokenize and take cache references (released by the stream).
 
     With `fit_to_context`, max_new_tokens is lowered to the room the prompt leaves in
@@ -95,7 +97,8 @@ async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = 
         _fit_max_new_tokens(req.params, len(ids), state.intake.limits.max_req_len)
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     refs = await state.intake.take_cache_refs(images)
-    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs)
+    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs,
+                         t_arrival=arrival if arrival is not None else time.monotonic())
     return serve, refs
 
 
@@ -109,7 +112,7 @@ def _fit_max_new_tokens(params: SamplingParams, n_prompt: int, max_req_len: int)
 async def generate(request: web.Request) -> web.Response:
     state: AppState = request.app["state"]
     req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs = await prepare(state, req)
+    serve, refs = await prepare(state, req, arrival=request.get("arrival"))
     tokens = []
     last = None
     async with contextlib.aclosing(state.streams.run(serve, refs, req.skip_special_tokens)) as events:
@@ -129,7 +132,7 @@ async def generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     state: AppState = request.app["state"]
     req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
-    serve, refs = await prepare(state, req)
+    serve, refs = await prepare(state, req, arrival=request.get("arrival"))
     events = state.streams.run(serve, refs, req.skip_special_tokens)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     async with contextlib.aclosing(events):

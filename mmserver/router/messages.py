@@ -2,8 +2,8 @@
 
 HTTP → visual:   ("req", ServeRequest)
 HTTP → router:   ("req", ServeRequest) | ("abort", req_id)
-visual → router: ("req", ServeRequest)
-visual → HTTP:   ("fail", req_id, message) | ("stats", dict)
+visual → router: ("req", ServeRequest) | ("fail", req_id, "invalid:<message>" | "error:<message>")
+visual → HTTP:   ("stats", dict)
 router → HTTP:   ("out", [TokenOut, ...]) | ("stats", dict)
 """
 
@@ -34,7 +34,11 @@ class ServeRequest:
     input_ids: list[int]
     params: SamplingParams
     images: list[ImageRef] = field(default_factory=list)
+    # time.monotonic() stamps, one clock for every process on the host: the TTFT breakdown of /metrics
+    t_arrival: float = 0.0  # the HTTP handler started on this request
+    t_sent: float = 0.0  # handed to the next process (HTTP → visual or router, visual → router)
 
 
-# (req_id, token_id, logprob, finished, finish_reason); finish_reason "error:<message>" on failure
+# (req_id, token_id, logprob, finished, finish_reason); on failure finish_reason is "error:<message>"
+# (a 500), "invalid:<message>" (the client's input, a 400) or "unavailable:<message>" (a 503)
 TokenOut = tuple[int, int, float, bool, "str | None"]

@@ -35,18 +35,22 @@ class Router:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.aborted: set[int] = set()
+        self.awaiting_first: dict[int, float] = {}  # req id → when it was sent here (TTFT breakdown)
+        self.first_token_s = 0.0
+        self.first_tokens = 0
 
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "req":
             self._add(msg[1])
         elif kind == "abort":
+            self.awaiting_first.pop(msg[1], None)
             if msg[1] in self.engine.requests:
                 self.engine.abort(msg[1])
             elif len(self.aborted) < MAX_REMEMBERED_ABORTS:
                 self.aborted.add(msg[1])  # still on its way through the visual server
-        elif kind == "fail":  # the visual server could not encode an image
-            self.out.send(("out", [(msg[1], -1, 0.0, True, f"error:{msg[2]}")]))
+        elif kind == "fail":  # the visual server could not encode an image; msg[2] is the finish reason
+            self.out.send(("out", [(msg[1], -1, 0.0, True, msg[2])]))
 
     def _add(self, req: ServeRequest) -> None:
         if req.req_id in self.aborted:
@@ -56,6 +60,7 @@ class Router:
             embeds = self._read_embeddings(req)
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, req_id=req.req_id)
             self.prompt_tokens += len(req.input_ids)
+            self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
             self.out.send(("out", [(req.req_id, -1, 0.0, True, f"error:{e}")]))
 
@@ -74,6 +79,13 @@ class Router:
     def step(self) -> None:
         outs = self.engine.step()
         if outs:
+            if self.awaiting_first:
+                now = time.monotonic()
+                for o in outs:
+                    sent = self.awaiting_first.pop(o.req_id, None)
+                    if sent is not None:
+                        self.first_token_s += now - sent
+                        self.first_tokens += 1
             self.steps += 1
             self.generated_tokens += len(outs)
             batch: list[TokenOut] = [(o.req_id, o.token_id, o.logprob, o.finished, o.finish_reason) for o in outs]
@@ -83,7 +95,8 @@ class Router:
         e = self.engine
         return {"kv_used": e.kv.used, "kv_total": e.kv.num_slots, "waiting": len(e.waiting),
                 "running": len(e.running), "steps": self.steps, "prompt_tokens": self.prompt_tokens,
-                "generated_tokens": self.generated_tokens}
+                "generated_tokens": self.generated_tokens, "ttft_router_s": self.first_token_s,
+                "ttft_router_n": self.first_tokens}
 
 
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):

@@ -30,6 +30,8 @@ class VitStats:
     preprocess_s: float = 0.0
     encode_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    forwarded: int = 0  # requests sent on to the router
+    forward_wait_s: float = 0.0  # their time here, arrival to forward
 
 
 class VisualServer:
@@ -65,11 +67,13 @@ class VisualServer:
             if ref.record_id not in self.waiters:
                 self.waiters[ref.record_id] = []
                 self.jobs.append(ref)
+                if len(self.workers) == 1:  # its only possible worker: start decoding and tiling now
+                    self.workers[0].prefetch(ref)
             self.waiters[ref.record_id].append(req.req_id)
         if left:
             self.pending[req.req_id] = (req, left)
         else:
-            self.to_router.send(("req", req))
+            self._forward(req)
 
     def dispatch(self) -> None:
         """Give each idle worker group the next batch of images."""
@@ -86,8 +90,8 @@ class VisualServer:
                 self._finish(result)
 
     def _finish(self, res: BatchResult) -> None:
-        for record_id, message in res.failed:
-            self._fail(record_id, message)
+        for record_id, kind, message in res.failed:
+            self._fail(record_id, kind, message)
         if res.done:
             self.cache.mark_embedding(res.done)
         s = self.stats
@@ -111,18 +115,37 @@ class VisualServer:
             entry[1].discard(record_id)
             if not entry[1]:
                 del self.pending[req_id]
-                self.to_router.send(("req", entry[0]))
+                self._forward(entry[0])
 
-    def _fail(self, record_id: int, message: str) -> None:
+    def _forward(self, req: ServeRequest) -> None:
+        now = time.monotonic()
+        self.stats.forwarded += 1
+        self.stats.forward_wait_s += now - req.t_sent
+        req.t_sent = now
+        self.to_router.send(("req", req))
+
+    def _fail(self, record_id: int, kind: str, message: str) -> None:
+        """Fail every request waiting for this image: "invalid" (undecodable bytes) ends in a 400,
+        naming the image's index in each request, "error" in a 500."""
+        log.log(logging.INFO if kind == "invalid" else logging.WARNING, "image record %d failed (%s): %s",
+                record_id, kind, message)
         for req_id in self.waiters.pop(record_id, []):
-            if self.pending.pop(req_id, None) is not None:
-                self.to_router.send(("fail", req_id, message))
+            entry = self.pending.pop(req_id, None)
+            if entry is None:
+                continue
+            index = next((i for i, r in enumerate(entry[0].images) if r.record_id == record_id), 0)
+            if kind == "invalid":
+                reason = f"invalid:image {index}: {message}"
+            else:
+                reason = f"error:image {index} could not be encoded: {message}"
+            self.to_router.send(("fail", req_id, reason))
 
     def metrics(self) -> dict:
         s = self.stats
         return {"vit_batches": s.batches, "vit_images": s.images, "vit_tiles": s.tiles,
                 "vit_seconds": s.preprocess_s + s.encode_s, "vit_preprocess_seconds": s.preprocess_s,
-                "vit_encode_seconds": s.encode_s, "vit_batch_sizes": dict(s.batch_sizes), "vit_queue": len(self.jobs)}
+                "vit_encode_seconds": s.encode_s, "vit_batch_sizes": dict(s.batch_sizes), "vit_queue": len(self.jobs),
+                "ttft_visual_s": s.forward_wait_s, "ttft_visual_n": s.forwarded}
 
 
 def serve_forever(server: VisualServer, from_http: Connection, to_http: Connection) -> None:
@@ -161,7 +184,14 @@ def _load_encoder(args, tp=None):
     cfg = load_config(args.model_dir)
     dtype = args.compute_dtype(cfg.torch_dtype)
     weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("vision",), progress=False)
-    return cfg, VisionEncoder(cfg, weights, tp=tp)
+    encoder = VisionEncoder(cfg, weights, tp=tp)
+    if encoder.device.type == "cuda":
+        # Compile the triton kernels and set up cuBLAS now (every tp rank alike), not in the
+        # first requests' batches: two batches in flight must not race through a first compile.
+        size = cfg.vision.image_size
+        encoder.encode(torch.zeros((1, size, size, 3), dtype=torch.uint8))
+        torch.cuda.synchronize(encoder.device)
+    return cfg, encoder
 
 
 def _runner(cfg, encoder, tp=None) -> VitRunner:

@@ -8,9 +8,11 @@ object inside the visual server's process; otherwise each leader is a process of
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import Pipe
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -19,38 +21,55 @@ from typing import Callable
 import torch
 
 from ..embed_cache import shm
-from ..models.internvl.preprocess import ImageError, load_image, preprocess_image
+from ..models.internvl.preprocess import ImageError, load_image, tile_pixels
 from ..router.messages import ImageRef
 
 
 @dataclass
 class BatchResult:
     done: list[int] = field(default_factory=list)  # record ids whose embedding is written
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (record id, reason)
+    # (record id, "invalid" (the client's image is bad: a 400) or "error", message without an image index)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)
     tiles: int = 0
     preprocess_s: float = 0.0
     encode_s: float = 0.0
 
 
+def default_preprocess_threads() -> int:
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 class VitRunner:
-    """Preprocess → encode → write, for one group leader."""
+    """Preprocess → encode → write, for one group leader.
+
+    `prefetch` starts an image's decoding and tiling as soon as it arrives, before it is
+    batched; `process` uses that work (or does it then) and runs the batch's forward."""
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], tokens_per_tile: int, min_patch: int,
-                 use_thumbnail: bool, preprocess_threads: int = 4):
+                 use_thumbnail: bool, preprocess_threads: int | None = None):
         self.encode = encode
-        # PIL decodes and resizes without the GIL: a batch's images are prepared in parallel.
-        self.pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="vit-preprocess")
+        # PIL decodes and resizes without the GIL: images are prepared in parallel.
+        self.pool = ThreadPoolExecutor(max_workers=preprocess_threads or default_preprocess_threads(),
+                                       thread_name_prefix="vit-preprocess")
+        self._prefetched: dict[int, Future] = {}  # record id → its tiles (or failure), being prepared
         self.tokens_per_tile = tokens_per_tile
         self.min_patch = min_patch
         self.use_thumbnail = use_thumbnail
 
+    def prefetch(self, ref: ImageRef) -> None:
+        if ref.record_id not in self._prefetched:
+            self._prefetched[ref.record_id] = self.pool.submit(self._tiles_or_error, ref)
+
     def process(self, refs: list[ImageRef]) -> BatchResult:
         res = BatchResult()
         t0 = time.perf_counter()
+        futures = [self._prefetched.pop(r.record_id, None) or self.pool.submit(self._tiles_or_error, r)
+                   for r in refs]
         tiles, ok = [], []
-        for ref, out in zip(refs, self.pool.map(self._tiles_or_error, refs)):
-            if isinstance(out, str):
-                res.failed.append((ref.record_id, f"image could not be encoded: {out}"))
+        for ref, fut in zip(refs, futures):
+            out = fut.result()
+            if isinstance(out, tuple):
+                res.failed.append((ref.record_id, *out))
             else:
                 tiles.append(out)
                 ok.append(ref)
@@ -70,14 +89,19 @@ class VitRunner:
             if _write(ref, rows):
                 res.done.append(ref.record_id)
             else:
-                res.failed.append((ref.record_id, "image record was evicted before its embedding was written"))
+                res.failed.append((ref.record_id, "error", "its cache record was evicted before the embedding "
+                                                           "was written"))
         return res
 
-    def _tiles_or_error(self, ref: ImageRef) -> torch.Tensor | str:
+    def _tiles_or_error(self, ref: ImageRef) -> torch.Tensor | tuple[str, str]:
         try:
             return self._tiles(ref)
-        except (ImageError, FileNotFoundError, ValueError) as e:
-            return str(e)
+        except ImageError as e:  # the bytes are not a decodable image: the client's error
+            return ("invalid", _IMAGE_INDEX.sub("", str(e)))
+        except (FileNotFoundError, ValueError) as e:
+            return ("error", str(e))
+        except Exception as e:  # never lose the batch's other images
+            return ("error", f"{type(e).__name__}: {e}")
 
     def _tiles(self, ref: ImageRef) -> torch.Tensor:
         seg = shm.attach(ref.img_name)
@@ -85,12 +109,16 @@ class VitRunner:
             data = bytes(seg.buf[:ref.img_bytes])
         finally:
             seg.close()
-        tiles = preprocess_image(load_image(data), max_num=ref.max_patch, min_num=self.min_patch,
-                                 use_thumbnail=self.use_thumbnail)
+        # uint8 tiles: the encoder normalises them on its device
+        tiles = tile_pixels(load_image(data), max_num=ref.max_patch, min_num=self.min_patch,
+                            use_thumbnail=self.use_thumbnail)
         expected = ref.n_tokens // self.tokens_per_tile
         if tiles.shape[0] != expected:
             raise ValueError(f"image gave {tiles.shape[0]} tiles, the prompt reserved {expected}")
         return tiles
+
+
+_IMAGE_INDEX = re.compile(r"^image -?\d+: ")  # load_image's prefix; the visual server names the request's index
 
 
 def _write(ref: ImageRef, rows: torch.Tensor) -> bool:
@@ -128,6 +156,9 @@ class LocalWorker:
     def busy(self) -> bool:
         return self.inflight >= self.depth
 
+    def prefetch(self, ref: ImageRef) -> None:
+        self.runner.prefetch(ref)
+
     def dispatch(self, refs: list[ImageRef]) -> None:
         self.inflight += 1
         self._pool.submit(self._run, refs)
@@ -136,7 +167,7 @@ class LocalWorker:
         try:
             result = self.runner.process(refs)
         except Exception as e:  # e.g. out of memory: fail these images, keep serving
-            result = BatchResult(failed=[(r.record_id, f"vision encoder failed: {type(e).__name__}: {e}")
+            result = BatchResult(failed=[(r.record_id, "error", f"the vision encoder failed: {type(e).__name__}: {e}")
                                          for r in refs])
         self._results.put(result)
         self._wake.send_bytes(b"1")
@@ -157,6 +188,9 @@ class RemoteWorker:
         self.conn = from_worker
         self.busy = False
 
+    def prefetch(self, ref: ImageRef) -> None:
+        """Nothing to do ahead: the worker's process prepares a batch's images when it arrives."""
+
     def dispatch(self, refs: list[ImageRef]) -> None:
         self.busy = True
         self.to_worker.send(refs)
@@ -176,7 +210,7 @@ def tp_encode(encoder, tp) -> Callable[[torch.Tensor], torch.Tensor]:
     """Leader-side encode: send the tiles to the followers, then run our shard."""
 
     def encode(tiles: torch.Tensor) -> torch.Tensor:
-        tiles = tiles.to(encoder.device, encoder.dtype)
+        tiles = encoder.prepare(tiles)
         tp.broadcast(torch.tensor([tiles.shape[0]], dtype=torch.int64, device=encoder.device))
         tp.broadcast(tiles.contiguous())
         return encoder.encode(tiles)

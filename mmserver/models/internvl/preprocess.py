@@ -30,10 +30,13 @@ __all__ = [
     "ImageSource",
     "find_grid",
     "load_image",
+    "normalize_pixels",
     "num_tiles",
     "preprocess_image",
     "tile_image",
+    "tile_pixels",
     "to_pixel_values",
+    "to_uint8_tiles",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -232,16 +235,10 @@ _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
-def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
-    """Stack tiles into a float32 [n, 3, H, W] tensor, ImageNet-normalised.
-
-    Performs the same float32 ops in the same order as torchvision's
-    ``ToTensor`` (``uint8 -> float32``, ``div(255)``) and ``Normalize``
-    (``sub_(mean).div_(std)`` with float32 mean/std), so results are bitwise
-    identical to the reference pipeline.
-    """
+def to_uint8_tiles(tiles: list[Image.Image]) -> torch.Tensor:
+    """Stack tiles into a uint8 [n, H, W, 3] tensor (the raw pixels, a quarter of the float bytes)."""
     if not tiles:
-        raise ValueError("to_pixel_values needs at least one tile")
+        raise ValueError("no tiles to stack: at least one tile is needed")
     arrays = []
     for t in tiles:
         if t.mode != "RGB":
@@ -249,10 +246,37 @@ def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
         arrays.append(np.asarray(t, dtype=np.uint8))
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"tiles have different sizes: {sorted({a.shape for a in arrays})}")
-    batch = torch.from_numpy(np.stack(arrays))  # [n, H, W, 3] uint8
-    x = batch.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)
-    x.sub_(_MEAN).div_(_STD)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, H, W, 3] (any device) → float32 [n, 3, H, W], ImageNet-normalised.
+
+    Performs the same float32 ops in the same order as torchvision's ``ToTensor``
+    (``uint8 -> float32``, ``div(255)``) and ``Normalize`` (``sub_(mean).div_(std)`` with
+    float32 mean/std). Each is one correctly rounded IEEE operation, so the result is
+    bitwise the reference's on the CPU and on a GPU alike (servers run it on the GPU,
+    after copying the 4x smaller uint8 tiles).
+    """
+    x = tiles.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)
+    x.sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
     return x.contiguous()
+
+
+def to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
+    """Stack tiles into a float32 [n, 3, H, W] tensor, ImageNet-normalised (bitwise the reference)."""
+    return normalize_pixels(to_uint8_tiles(tiles))
+
+
+def tile_pixels(
+    img: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    tile: int = 448,
+) -> torch.Tensor:
+    """`preprocess_image` up to the normalisation: uint8 [n, tile, tile, 3]; see `normalize_pixels`."""
+    return to_uint8_tiles(tile_image(img, max_num=max_num, min_num=min_num, use_thumbnail=use_thumbnail, tile=tile))
 
 
 def preprocess_image(

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ... import kernels
 from ..parallel import TPGroup
 from .config import InternVLConfig
+from .preprocess import normalize_pixels
 
 
 def _norm(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, norm_type: str, eps: float) -> torch.Tensor:
@@ -125,8 +126,17 @@ class VisionEncoder:
         x = F.gelu(F.linear(x, w["mlp1.fc1.weight"], w["mlp1.fc1.bias"]))
         return F.linear(x, w["mlp1.fc2.weight"], w["mlp1.fc2.bias"])
 
+    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tiles on this encoder's device in its dtype: float pixel values as they are, raw uint8
+        [N, H, W, 3] tiles normalised on the device first (a quarter of the bytes to copy)."""
+        if tiles.dtype == torch.uint8:
+            tiles = normalize_pixels(tiles.to(self.device, non_blocking=True))
+        return tiles.to(self.device, self.dtype)
+
     def encode(self, pixel_values: torch.Tensor, max_batch: int = 64) -> torch.Tensor:
-        """Tiles → [N, tokens_per_tile, H_llm], run in chunks of `max_batch` tiles."""
+        """Tiles (float [N, 3, H, W] or uint8 [N, H, W, 3]) → [N, tokens_per_tile, H_llm], run in
+        chunks of `max_batch` tiles."""
+        pixel_values = self.prepare(pixel_values)
         outs = [self.project(self.vit(pixel_values[i:i + max_batch]))
                 for i in range(0, pixel_values.shape[0], max_batch)]
         return torch.cat(outs, dim=0)
