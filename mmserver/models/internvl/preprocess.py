@@ -258,7 +258,11 @@ def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
     bitwise the reference's on the CPU and on a GPU alike (servers run it on the GPU,
     after copying the 4x smaller uint8 tiles).
     """
-    x = tiles.permute(0, 3, 1, 2).to(dtype=torch.float32).div(255)
+    x = tiles.permute(0, 3, 1, 2).to(dtype=torch.float32)
+    if x.device.type == "cpu":
+        x = x.div(255)
+    else:  # CUDA divides by a Python scalar as a multiply by its reciprocal: not the IEEE quotient
+        x = x.div(torch.tensor(255.0, device=x.device))
     x.sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
     return x.contiguous()
 
