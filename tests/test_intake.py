@@ -48,3 +48,31 @@ def test_cancelled_alloc_releases_its_references(ckpt):
     asyncio.run(scenario())
     intake.close()
     assert sorted(cache.released) == [1, 2]
+
+
+def test_image_encoded_meanwhile_needs_no_vit():
+    """Two requests for one new image: the second's bytes write can come after the first's
+    embedding was written and the image segment unlinked. That is a cache hit, not a 500."""
+    import os
+
+    from mmserver.embed_cache import shm
+    from mmserver.frontend.images import LoadedImage
+    from mmserver.frontend.intake import PreparedImage, _write_image_bytes
+    from mmserver.router.messages import ImageRef
+
+    prefix = f"mmstest{os.getpid()}-"
+    data = b"\x89PNG fake bytes"
+    images = [PreparedImage(LoadedImage(data, "m", 1, 1), 1, 12)] * 2
+    refs = [ImageRef(1, f"{prefix}emb-1", f"{prefix}img-gone", 256, len(data), True, 12),
+            ImageRef(2, f"{prefix}emb-2", f"{prefix}img-2", 256, len(data), True, 12)]
+    shm.create(refs[1].img_name, len(data)).close()
+    try:
+        _write_image_bytes(refs, images)
+        seg = shm.attach(refs[1].img_name)
+        try:
+            assert bytes(seg.buf[:len(data)]) == data  # a live segment is written
+        finally:
+            seg.close()
+    finally:
+        shm.unlink(refs[1].img_name)
+    assert refs[0].needs_vit is False and refs[1].needs_vit is True

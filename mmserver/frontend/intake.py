@@ -225,10 +225,20 @@ def _unlink_owned(refs: list[ImageRef]) -> None:
 
 
 def _write_image_bytes(refs: list[ImageRef], images: list[PreparedImage]) -> None:
+    """Fill the image-bytes segment of every record that has no embedding yet.
+
+    Several requests for one new image each write its (identical) bytes. The cache unlinks a
+    record's image segment only once the embedding is written (or when the record is dropped,
+    which our reference prevents), so a segment that vanished since `alloc` means another
+    request's image was just encoded: this request needs no ViT for it."""
     for ref, im in zip(refs, images):
         if not ref.needs_vit:
             continue
-        seg = shm.attach(ref.img_name)
+        try:
+            seg = shm.attach(ref.img_name)
+        except FileNotFoundError:
+            ref.needs_vit = False
+            continue
         try:
             seg.buf[:ref.img_bytes] = im.loaded.data
         finally:
