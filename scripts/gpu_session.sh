@@ -11,7 +11,7 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+# (no commit here: the device tool copies the working tree; record `git rev-parse --short HEAD` of the checkout that sent it)
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/device.txt"
 STEPS=${STEPS:-"check bench"}
 if [[ $STEPS == *check* ]]; then
