@@ -266,6 +266,9 @@ def _stage_metrics(server) -> dict[str, tuple[float, float]]:
 
 
 def test_ttft_breakdown_metrics(server, image_factory_m):
+    # the router and visual processes report every 0.2 s: let earlier tests' requests settle
+    assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
+    time.sleep(0.6)
     before = _stage_metrics(server)
     body = gen_body("<image> Describe it.", [image_factory_m(90, 70, 21)], max_new_tokens=2, ignore_eos=True)
     status, out = server.post("/generate", body)

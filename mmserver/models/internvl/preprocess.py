@@ -291,4 +291,4 @@ def preprocess_image(
     tile: int = 448,
 ) -> torch.Tensor:
     """Full InternVL preprocessing of one RGB image: tiles -> normalised float32 [n, 3, tile, tile]."""
-    return to_pixel_values(tile_image(img, max_num=max_num, min_num=min_num, use_thumbnail=use_thumbnail, tile=tile))
+    return normalize_pixels(tile_pixels(img, max_num=max_num, min_num=min_num, use_thumbnail=use_thumbnail, tile=tile))
