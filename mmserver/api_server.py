@@ -93,7 +93,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
                     IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
                                  max_req_len, args.cache_wait_s), cache, session,
-                    EmbedsInput(cluster.prefix, model_dtype))
+                    EmbedsInput(cluster.prefix, model_dtype), default_cap=args.max_patch_num)
     streams = Streams(tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 

@@ -39,7 +39,9 @@ class ServerArgs:
     allowed_local_media_path: str | None = None
     max_waiting_requests: int = 4096
     log_level: str = "info"
-    # From the environment (LightLLM's names).
+    # From the environment (LightLLM's names), checked here so a bad value stops the start with
+    # its name. The first two are read again where they act (config.check_image_length,
+    # weights.load_weights), which also serve the offline pipeline with no ServerArgs.
     image_length: int | None = None  # INTERNVL_IMAGE_LENGTH
     load_workers: int = 1  # LOADWORKER
     max_patch_num: int | None = None  # MAX_PATCH_NUM

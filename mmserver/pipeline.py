@@ -281,7 +281,7 @@ class Pipeline:
             with urllib.request.urlopen(source, timeout=self.fetch_timeout) as r:
                 return r.read()
         except Exception as e:  # urllib and base64 raise many types; the message names the image
-            raise ImageError(f"image {index}: cannot read {source[:100]!r} ({type(e).__name__}: {e})") from None
+            raise ImageError(index, f"cannot read {source[:100]!r} ({type(e).__name__}: {e})") from None
 
     # ----------------------------------------------------------------------------------
     # Generation

@@ -18,6 +18,7 @@ Prints a table and, last, a RESULT line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_workloads as bw  # noqa: E402
+from bench_decode import sync  # noqa: E402
 from mmserver import kernels  # noqa: E402
 from mmserver.models.internvl.config import load_config  # noqa: E402
 from mmserver.models.internvl.preprocess import load_image, preprocess_image  # noqa: E402
@@ -115,8 +117,7 @@ class DecodeLoop:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
-        with ctx:
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             while not self._stop.is_set():
                 t0 = time.perf_counter()
                 self.engine.step()
@@ -136,19 +137,6 @@ class DecodeLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels.vit_attention = attn  # vision.py calls it through the package
         for b in sizes:
             s0, b0 = (loop.steps, loop.busy_s) if loop else (0, 0.0)
-            with torch.cuda.stream(side) if side is not None else _nullcontext():
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 ms = time_encode(enc, b, args.iters)
             row = {"attention": name, "tiles": b, "ms": ms, "ms_per_tile": ms / b}
             extra = ""

@@ -76,3 +76,22 @@ def test_image_encoded_meanwhile_needs_no_vit():
     finally:
         shm.unlink(refs[1].img_name)
     assert refs[0].needs_vit is False and refs[1].needs_vit is True
+
+
+def test_default_tile_cap_comes_from_max_patch_num(ckpt, monkeypatch):
+    """MAX_PATCH_NUM is parsed (and checked) once, into ServerArgs, and reaches the intake."""
+    from mmserver.args import parse_args
+
+    monkeypatch.setenv("MAX_PATCH_NUM", "3")
+    args = parse_args(["--model_dir", str(ckpt)])
+    assert args.max_patch_num == 3
+    cfg = load_config(ckpt)
+    limits = IntakeLimits(1 << 20, 1.0, None, 4096, 5.0)
+    with_cap = Intake(cfg, None, None, 256, limits, None, None, default_cap=args.max_patch_num)
+    without = Intake(cfg, None, None, 256, limits, None, None)
+    try:
+        assert with_cap.default_cap == 3
+        assert without.default_cap == cfg.max_dynamic_patch != 3
+    finally:
+        with_cap.close()
+        without.close()

@@ -103,15 +103,17 @@ def check_size(raw: bytes, index: int, max_bytes: int) -> bytes:
     return raw
 
 
+def is_inline(spec_type: str, data: str) -> bool:
+    """The bytes are in the request (base64, or a data: URL): `inspect_base64` takes them;
+    anything else is fetched first with `load`."""
+    return spec_type == "base64" or (spec_type == "url" and data.startswith("data:"))
+
+
 async def load(spec_type: str, data: str, index: int, *, session: aiohttp.ClientSession, timeout: float,
                max_bytes: int, allowed_dir: str | None) -> bytes:
-    if spec_type == "base64":
-        raw = _decode_base64(data, index)
-    elif spec_type == "url":
-        if data.startswith("data:"):
-            raw = _decode_base64(data, index)
-        else:
-            raw = await fetch_url(session, data, index, timeout, max_bytes)
+    """The bytes of an image that is not inline: an http(s) URL or an allowed local file."""
+    if spec_type == "url":
+        raw = await fetch_url(session, data, index, timeout, max_bytes)
     elif spec_type == "file":
         raw = await asyncio.to_thread(read_local, data, index, allowed_dir, max_bytes)
     else:

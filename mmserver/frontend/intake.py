@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -68,7 +67,7 @@ class EmbedsInput:
 class Intake:
     def __init__(self, cfg: InternVLConfig, tokenizer, special: SpecialIds, tokens_per_tile: int,
                  limits: IntakeLimits, cache: CacheClient | None, session: aiohttp.ClientSession,
-                 embeds: EmbedsInput | None = None):
+                 embeds: EmbedsInput | None = None, default_cap: int | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.special = special
@@ -78,8 +77,8 @@ class Intake:
         self.session = session
         self.embeds = embeds
         self._embeds_ids = itertools.count(1)
-        env_cap = os.environ.get("MAX_PATCH_NUM")
-        self.default_cap = int(env_cap) if env_cap else cfg.max_dynamic_patch
+        # tile cap of requests that set none: MAX_PATCH_NUM (ServerArgs.max_patch_num), else the checkpoint's
+        self.default_cap = default_cap or cfg.max_dynamic_patch
         self._decode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-decode")
         self._cache_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-client")
 
@@ -90,7 +89,7 @@ class Intake:
             loop = asyncio.get_running_loop()
             if spec.type == "embeds":
                 return await loop.run_in_executor(self._decode_pool, self._load_embeds, spec.data, i)
-            if spec.type == "base64" or (spec.type == "url" and spec.data.startswith("data:")):
+            if image_io.is_inline(spec.type, spec.data):
                 loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect_base64, spec.data, i,
                                                     l.max_image_bytes)
             else:

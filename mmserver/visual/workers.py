@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import Pipe
@@ -97,7 +96,7 @@ class VitRunner:
         try:
             return self._tiles(ref)
         except ImageError as e:  # the bytes are not a decodable image: the client's error
-            return ("invalid", _IMAGE_INDEX.sub("", str(e)))
+            return ("invalid", e.detail)
         except (FileNotFoundError, ValueError) as e:
             return ("error", str(e))
         except Exception as e:  # never lose the batch's other images
@@ -116,9 +115,6 @@ class VitRunner:
         if tiles.shape[0] != expected:
             raise ValueError(f"image gave {tiles.shape[0]} tiles, the prompt reserved {expected}")
         return tiles
-
-
-_IMAGE_INDEX = re.compile(r"^image -?\d+: ")  # load_image's prefix; the visual server names the request's index
 
 
 def _write(ref: ImageRef, rows: torch.Tensor) -> bool:

@@ -89,10 +89,8 @@ class InternVLConfig:
 
     @property
     def image_tokens_per_tile(self) -> int:
-        """Tokens one tile becomes; INTERNVL_IMAGE_LENGTH overrides it as in LightLLM."""
-        env = os.environ.get("INTERNVL_IMAGE_LENGTH")
-        if env:
-            return int(env)
+        """Tokens one tile becomes. INTERNVL_IMAGE_LENGTH (LightLLM's name) may only restate it:
+        `load_config` refuses a value that disagrees (`check_image_length`)."""
         side = self.vision.image_size // self.vision.patch_size
         return int(side * side * self.downsample_ratio**2)
 
@@ -269,8 +267,7 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer, llm_eos: list[int]) 
 def check_image_length(cfg: InternVLConfig) -> InternVLConfig:
     """INTERNVL_IMAGE_LENGTH must agree with what the ViT geometry produces per tile."""
     v = cfg.vision
-    side = v.image_size // v.patch_size
-    geometric = int(side * side * cfg.downsample_ratio**2)
+    geometric = cfg.image_tokens_per_tile
     env = os.environ.get("INTERNVL_IMAGE_LENGTH")
     if env is None or env == "":
         return cfg

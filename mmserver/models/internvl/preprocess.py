@@ -49,8 +49,17 @@ class ImageError(ValueError):
     """An input image cannot be used (unreadable, truncated, empty, too large, wrong type).
 
     A ValueError subclass so request handlers can map it to a client error
-    (HTTP 400) instead of a server crash.
+    (HTTP 400) instead of a server crash. Reads "image {index}: {detail}"; `detail` alone is
+    for callers that name the image themselves (a ViT worker's image may sit at a different
+    index in each request waiting for it).
     """
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(index, detail)  # both in args: the exception pickles and unpickles
+        self.index, self.detail = index, detail
+
+    def __str__(self) -> str:
+        return f"image {self.index}: {self.detail}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -59,11 +68,11 @@ class ImageError(ValueError):
 def _check_pixels(width: int, height: int, index: int) -> None:
     """Reject empty images and decompression bombs with a readable message."""
     if width <= 0 or height <= 0:
-        raise ImageError(f"image {index}: image has zero size ({width}x{height})")
+        raise ImageError(index, f"image has zero size ({width}x{height})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and width * height > limit:
         raise ImageError(
-            f"image {index}: image is too large ({width}x{height} = {width * height} pixels, "
+            index, f"image is too large ({width}x{height} = {width * height} pixels, "
             f"limit {limit}); refusing to decode (possible decompression bomb)"
         )
 
@@ -83,19 +92,19 @@ def _open_and_load(fp: io.BytesIO | str, what: str, index: int) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image {index}: image is too large, possible decompression bomb ({e})") from e
+        raise ImageError(index, f"image is too large, possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"image {index}: cannot decode {what} as an image (cannot identify image file)") from e
+        raise ImageError(index, f"cannot decode {what} as an image (cannot identify image file)") from e
     except FileNotFoundError as e:
-        raise ImageError(f"image {index}: file not found: {fp!s}") from e
+        raise ImageError(index, f"file not found: {fp!s}") from e
     except IsADirectoryError as e:
-        raise ImageError(f"image {index}: path is a directory, not an image file: {fp!s}") from e
+        raise ImageError(index, f"path is a directory, not an image file: {fp!s}") from e
     except PermissionError as e:
-        raise ImageError(f"image {index}: permission denied reading {fp!s}") from e
+        raise ImageError(index, f"permission denied reading {fp!s}") from e
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         # PIL reports truncated/corrupt payloads as OSError ("image file is truncated"),
         # and some plugins raise ValueError/SyntaxError/EOFError on malformed headers.
-        raise ImageError(f"image {index}: cannot decode {what} as an image ({e})") from e
+        raise ImageError(index, f"cannot decode {what} as an image ({e})") from e
 
 
 def load_image(src: ImageSource, index: int = 0) -> Image.Image:
@@ -113,17 +122,17 @@ def load_image(src: ImageSource, index: int = 0) -> Image.Image:
     """
     if isinstance(src, Image.Image):
         if src.width <= 0 or src.height <= 0:
-            raise ImageError(f"image {index}: image has zero size ({src.width}x{src.height})")
+            raise ImageError(index, f"image has zero size ({src.width}x{src.height})")
         try:
             src.load()  # a lazily opened PIL image may still be truncated on disk
             return src if src.mode == "RGB" else src.convert("RGB")
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(f"image {index}: cannot decode image data ({e})") from e
+            raise ImageError(index, f"cannot decode image data ({e})") from e
 
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
-            raise ImageError(f"image {index}: cannot decode bytes as an image (empty data)")
+            raise ImageError(index, "cannot decode bytes as an image (empty data)")
         return _open_and_load(io.BytesIO(data), "bytes", index)
 
     if isinstance(src, (str, os.PathLike)):
@@ -131,11 +140,11 @@ def load_image(src: ImageSource, index: int = 0) -> Image.Image:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         if not path:
-            raise ImageError(f"image {index}: empty path")
+            raise ImageError(index, "empty path")
         return _open_and_load(path, f"file {path!r}", index)
 
     raise ImageError(
-        f"image {index}: unsupported image type {type(src).__name__!r} "
+        index, f"unsupported image type {type(src).__name__!r} "
         "(expected PIL.Image.Image, a filesystem path, or encoded bytes)"
     )
 
