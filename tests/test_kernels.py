@@ -303,6 +303,48 @@ def test_write_kv_triton(dtype):
     assert torch.equal(kv, kv_ref)
 
 
+def rope_kv_inputs(d, hq, hk, dtype, kv_dtype, slot_kind, t=9, num_slots=40):
+    """q, k, v as views of one fused qkv output, a random pool, positions and slots."""
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEVICE).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    kv = torch.randn(num_slots, 2 * hk, d, device=DEVICE).to(kv_dtype)
+    positions = torch.randint(0, 512, (t,), device=DEVICE)
+    if slot_kind == "perm":  # a random subset of the pool in random order
+        slots = torch.randperm(num_slots, device=DEVICE)[:t]
+    else:  # strided, descending, not starting at 0
+        slots = 7 + 3 * torch.arange(t, device=DEVICE).flip(0)
+    return q, k, v, kv, positions, slots.to(torch.int32)
+
+
+ROPE_KV_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,kv_dtype", ROPE_KV_DTYPES)
+@pytest.mark.parametrize("d,hq,hk", [(16, 4, 2), (64, 3, 3), (48, 6, 3)])
+@pytest.mark.parametrize("slot_kind", ["perm", "offset"])
+def test_rope_and_write_kv_triton(dtype, kv_dtype, d, hq, hk, slot_kind):
+    """The fused kernel gives the bits of the two launches it replaces (and of the reference)."""
+    q, k, v, kv, positions, slots = rope_kv_inputs(d, hq, hk, dtype, kv_dtype, slot_kind)
+    cos, sin = R.rope_cos_sin(512, d, 1e4, DEVICE)
+    q2, k2, kv2 = q.clone(), k.clone(), kv.clone()  # two triton launches
+    q_ref, k_ref, kv_ref = q.clone(), k.clone(), kv.clone()  # torch reference
+    kv_before = kv.clone()
+    kmod("rope_kv").rope_and_write_kv(q, k, v, kv, positions, slots, cos, sin)
+    kmod("rope").apply_rope(q2, k2, positions, cos, sin)
+    kmod("kv_write").write_kv(kv2, k2, v, slots)
+    R.apply_rope(q_ref, k_ref, positions, cos, sin)
+    R.write_kv(kv_ref, k_ref, v, slots)
+    assert torch.equal(q, q2) and torch.equal(kv, kv2)
+    # on a GPU triton may contract the rope mul-adds into FMAs, which torch does not
+    check_ref = assert_exact if INTERPRETED else assert_close
+    check_ref(q, q_ref, dtype)
+    check_ref(kv, kv_ref, kv_dtype)
+    untouched = torch.ones(kv.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[slots.long()] = False
+    assert torch.equal(kv[untouched], kv_before[untouched])
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_triton(dtype):
@@ -403,6 +445,15 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     assert torch.equal(K.silu_and_mul(x), R.silu_and_mul(x))
     qv = torch.randn(1, 2, 5, 8)
     assert torch.equal(K.vit_attention(qv, qv, qv, 0.3), R.vit_attention(qv, qv, qv, 0.3))
+    q, k, v, kv, positions, slots = rope_kv_inputs(16, 4, 2, torch.float32, torch.float32, "perm")
+    q, k, v, kv = q.cpu(), k.cpu(), v.cpu(), kv.cpu()
+    positions, slots = positions.cpu(), slots.cpu()
+    cos, sin = R.rope_cos_sin(512, 16, 1e4)
+    q_ref, k_ref, kv_ref = q.clone(), k.clone(), kv.clone()
+    K.rope_and_write_kv(q, k, v, kv, positions, slots, cos, sin)
+    R.apply_rope(q_ref, k_ref, positions, cos, sin)
+    R.write_kv(kv_ref, k_ref, v, slots)
+    assert torch.equal(q, q_ref) and torch.equal(kv, kv_ref)
 
 
 @needs_triton
@@ -425,14 +476,18 @@ def test_dispatchers_forced_triton(monkeypatch):
     positions = torch.cat([torch.arange(p, p + n) for p, n in zip([3, 0], [6, 4])]).to(DEVICE)
     cos, sin = K.rope_cos_sin(64, d, 1e4, DEVICE)
     q, q_ref, k_ref = batch.q.clone(), batch.q.clone(), k.clone()
+    q_fused, k_fused = batch.q.clone(), k.clone()
     K.apply_rope(q, k, positions, cos, sin)
     R.apply_rope(q_ref, k_ref, positions, cos, sin)
     torch.testing.assert_close(q, q_ref)
     slots = torch.cat([batch.table[int(r), p : p + n] for r, p, n in zip(batch.req_rows, [3, 0], [6, 4])])
-    kv_ref = batch.kv.clone()
+    kv_ref, kv_fused = batch.kv.clone(), batch.kv.clone()
     K.write_kv(batch.kv, k, v, slots)
     R.write_kv(kv_ref, k_ref, v, slots)
     torch.testing.assert_close(batch.kv, kv_ref)
+    # the fused call leaves the same q and pool as the two calls above
+    K.rope_and_write_kv(q_fused, k_fused, v, kv_fused, positions, slots, cos, sin)
+    assert torch.equal(q_fused, q) and torch.equal(kv_fused, batch.kv)
     args = (q, batch.kv, batch.table, batch.req_rows, batch.cu_q, batch.prefix_lens, 6, 0.25)
     torch.testing.assert_close(K.prefill_attention(*args), R.prefill_attention(*args))
     dec = (q[:2], batch.kv, batch.table, batch.req_rows, batch.seq_lens, 0.25)
@@ -442,6 +497,7 @@ def test_dispatchers_forced_triton(monkeypatch):
     # loading kernel modules must not shadow the dispatchers of the same name
     assert callable(K.prefill_attention) and K.prefill_attention.__module__ == "mmserver.kernels"
     assert K.decode_attention.__module__ == K.embedding.__module__ == "mmserver.kernels"
+    assert K.rope_and_write_kv.__module__ == "mmserver.kernels"
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -10,6 +10,9 @@ Layouts (see the docstrings of `reference.py` for the exact math):
   token_table [max_requests, max_len] int32: slot of (request row, position).
   Packed prefill batch: cu_q [B + 1] int32 offsets, prefix_lens [B], req_rows [B].
 
+`rope_and_write_kv` fuses `apply_rope` + `write_kv` (one launch per layer instead
+of two); it may leave k unrotated, so read K from the pool afterwards, never k.
+
 Note: kernel modules share names with some dispatchers (e.g. `prefill_attention`);
 load them with `kernel_module(name)`, not `import mmserver.kernels.<name>`.
 """
@@ -30,6 +33,7 @@ __all__ = [
     "rope_cos_sin",
     "apply_rope",
     "write_kv",
+    "rope_and_write_kv",
     "prefill_attention",
     "decode_attention",
     "silu_and_mul",
@@ -101,6 +105,21 @@ def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
     """kv[slots[t], :Hk] = k[t]; kv[slots[t], Hk:] = v[t]."""
     impl = kernel_module("kv_write") if use_triton(kv) else reference
     impl.write_kv(kv, k, v, slots)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """apply_rope(q, k, ...) then write_kv(kv, k, v, slots) in one launch; k is unspecified afterwards."""
+    impl = kernel_module("rope_kv") if use_triton(q) else reference
+    impl.rope_and_write_kv(q, k, v, kv, positions, slots, cos, sin)
 
 
 def prefill_attention(

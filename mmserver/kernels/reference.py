@@ -15,6 +15,7 @@ __all__ = [
     "rope_cos_sin",
     "apply_rope",
     "write_kv",
+    "rope_and_write_kv",
     "prefill_attention",
     "decode_attention",
     "silu_and_mul",
@@ -96,6 +97,21 @@ def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
     slots = slots.long()
     kv[slots, :hk] = k.to(kv.dtype)
     kv[slots, hk:] = v.to(kv.dtype)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """apply_rope then write_kv (k ends up rotated here; the fused kernel leaves it unspecified)."""
+    apply_rope(q, k, positions, cos, sin)
+    write_kv(kv, k, v, slots)
 
 
 def _gather_kv(kv: torch.Tensor, slots: torch.Tensor, hk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,8 +103,7 @@ class DecoderLM:
         q = q.reshape(t, self.num_heads, c.head_dim)
         k = k.reshape(t, self.num_kv_heads, c.head_dim)
         v = v.reshape(t, self.num_kv_heads, c.head_dim)
-        kernels.apply_rope(q, k, b.positions, self.cos, self.sin)
-        kernels.write_kv(kv, k, v, b.slots)
+        kernels.rope_and_write_kv(q, k, v, kv, b.positions, b.slots, self.cos, self.sin)  # k: read from kv only
         if b.is_decode:
             o = kernels.decode_attention(q, kv, token_table, b.req_rows, b.seq_lens, self.scale, b.max_seq_len)
         else:
