@@ -38,6 +38,7 @@ class ServerArgs:
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
     max_waiting_requests: int = 4096
+    overlap_schedule: str = "auto"
     log_level: str = "info"
     # From the environment (LightLLM's names), checked here so a bad value stops the start with
     # its name. The first two are read again where they act (config.check_image_length,
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allowed_local_media_path", default=None,
       help="directory from which {'type': 'file'} images may be read (off by default)")
     a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
+    a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
+      help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 

@@ -7,8 +7,10 @@ Loads only the LLM, as the router does, into one Engine sized for the largest ba
 are captured at its construction unless --no-graphs). For each batch size B it adds B requests
 of --prompt-len random token ids (ignore_eos, long enough not to finish), runs their prefill and
 --warmup decode steps, then times --steps engine steps. Every step ends in the one sync that
-reads the sampled tokens, so wall time per step is its whole cost: scheduling, the input copy,
-the forward (graph replay or eager), sampling. Prints a table and, last, a RESULT line.
+reads sampled tokens (the previous step's with the overlap schedule), so wall time per step is
+its whole cost: scheduling, the input copy, the forward (graph replay or eager), sampling.
+`--overlap both` times each batch size without, then with the overlap schedule (the baseline in
+the same run). Prints a table and, last, a RESULT line.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the engine's max_req_len (graphs fix the decode kernel's split count from it); "
                         "default: just enough for the run. The server's default is 16384")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly")
+    p.add_argument("--overlap", choices=["auto", "on", "off", "both"], default="auto",
+                   help="the engine's overlap schedule (auto: on with CUDA); both: off then on, per batch size")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: the checkpoint's dtype on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +149,8 @@ def bench_one(eng: Engine, batch: int, args: argparse.Namespace, vocab: int) -> 
     for r in rids:
         eng.abort(r)
     ms = elapsed / args.steps * 1e3
-    return {"batch": batch, "ms_per_step": ms, "tok_per_s": batch / ms * 1e3, "graph_steps": replays}
+    return {"batch": batch, "overlap": eng.overlap, "ms_per_step": ms, "tok_per_s": batch / ms * 1e3,
+            "graph_steps": replays}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = "graphs" if eng.graphs is not None else "eager"
     if not args.no_graphs and eng.graphs is None:
         print("note: CUDA graphs were requested but are off (CPU, MMSERVER_CUDA_GRAPHS=0 or a failed capture)")
-    results = [bench_one(eng, b, args, cfg.llm.vocab_size) for b in sizes]
+    schedules = {"on": [True], "off": [False], "both": [False, True], "auto": [eng.overlap]}[args.overlap]
+    results = []
+    for b in sizes:
+        for overlap in schedules:
+            eng.overlap = overlap
+            results.append(bench_one(eng, b, args, cfg.llm.vocab_size))
+            print(f"batch {b:>4} overlap {'on ' if overlap else 'off'}: {results[-1]['ms_per_step']:.2f} ms/step",
+                  flush=True)
     if args.profile and eng.device.type == "cuda":
         try:
             profile_steps(eng, sizes[0], args, cfg.llm.vocab_size)
@@ -177,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(eng.device) if eng.device.type == "cuda" else "cpu"
     print(f"\ndecode step time: {name}, {dtype}, mode={mode}, prompt {args.prompt_len}, "
           f"max_req_len {config.max_req_len}, engine set-up {setup_s:.2f} s")
-    print(f"{'batch':>6} {'ms/step':>9} {'tok/s':>10} {'graph steps':>12}")
+    print(f"{'batch':>6} {'overlap':>8} {'ms/step':>9} {'tok/s':>10} {'graph steps':>12}")
     for r in results:
-        print(f"{r['batch']:>6} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>10.0f} {r['graph_steps']:>12}")
+        print(f"{r['batch']:>6} {'on' if r['overlap'] else 'off':>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>10.0f} "
+              f"{r['graph_steps']:>12}")
     floor = {}
     if eng.device.type == "cuda":
         nbytes = weight_bytes_per_step(weights)
@@ -187,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         sheet = args.bandwidth_gbs or next((v for k, v in DATASHEET_GBS.items() if k in name), None)
         floor = {"weight_bytes": nbytes, "measured_gbs": measured, "datasheet_gbs": sheet,
                  "floor_ms": nbytes / ((sheet or measured) * 1e9) * 1e3}
-        floor["b1_over_floor"] = results[0]["ms_per_step"] / floor["floor_ms"] if sizes[0] == 1 else None
+        floor["b1_over_floor"] = (min(r["ms_per_step"] for r in results if r["batch"] == 1) / floor["floor_ms"]
+                                  if sizes[0] == 1 else None)
         print(f"weights read per step {nbytes / 1e9:.2f} GB; bandwidth: datasheet {sheet} GB/s, measured "
               f"(4 GiB read) {measured:.0f} GB/s; floor {floor['floor_ms']:.2f} ms"
               + (f"; batch 1 = {floor['b1_over_floor']:.2f}x the floor" if floor["b1_over_floor"] else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": name, "mode": mode,
                                                "setup_s": setup_s, "results": results, "floor": floor}, indent=2))
-    print("RESULT " + " ".join([f"mode={mode}"] + [f"b{r['batch']}_ms={r['ms_per_step']:.3f}" for r in results]
+    print("RESULT " + " ".join([f"mode={mode}"] + [f"b{r['batch']}{'' if r['overlap'] else '_nooverlap'}_ms="
+                                                   f"{r['ms_per_step']:.3f}" for r in results]
                                + ([f"floor_ms={floor['floor_ms']:.3f}"] if floor else [])))
     return 0
 

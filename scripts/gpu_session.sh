@@ -37,7 +37,7 @@ if [[ $STEPS == *vit* ]]; then  # encoder alone, beside a decoding thread, besid
   kill $DEC; wait $DEC 2>/dev/null
 fi
 if [[ $STEPS == *decode* ]]; then
-  timeout 240 python3 scripts/bench_decode.py --model_dir "$CKPT" --batch-sizes 1,8,64 --steps 30 --profile 2>&1 \
+  timeout 240 python3 scripts/bench_decode.py --model_dir "$CKPT" --batch-sizes 1,8,64 --steps 30 --overlap both --profile 2>&1 \
     | grep -v "Warn\|INFO" | tee -a "$OUT/decode.log"
 fi
 if [[ $STEPS == *graphs* ]]; then
@@ -48,14 +48,20 @@ if [[ $STEPS == *graphs* ]]; then
 fi
 if [[ $STEPS == *bench* ]]; then
   N=${N:-256}; C=${C:-64}; L=${L:-128}
+  # VARIANTS="off:--overlap_schedule=off on:--overlap_schedule=on": one server start per workload and
+  # variant (name:flags, flags joined by commas), results named mmserver_${W}_${SIZE}_${name}.json
   for W in ${W:-W1}; do  # W="W1 W2": one server start per workload
-    python3 -m mmserver.api_server --model_dir "$CKPT" --enable_multimodal --port 8000 ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
+  for V in ${VARIANTS:-":"}; do
+    VN=${V%%:*}; VF=${V#*:}; TAG=${W}_${SIZE}${VN:+_$VN}
+    python3 -m mmserver.api_server --model_dir "$CKPT" --enable_multimodal --port 8000 ${SERVER_FLAGS:-} ${VF//,/ } \
+      >"$OUT/server.log" 2>&1 &
     SRV=$!
     for i in $(seq 1 240); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+    echo "== $TAG: ${SERVER_FLAGS:-} ${VF//,/ }"
     timeout 240 python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests "$N" \
-      --concurrency "$C" --output-len "$L" --warmup 8 --json "$OUT/mmserver_${W}_${SIZE}.json" 2>&1 | tail -14
-    curl -s localhost:8000/metrics > "$OUT/metrics_${W}_${SIZE}.txt"
-    grep -v "^#" "$OUT/metrics_${W}_${SIZE}.txt" | grep "ttft_stage\|vit_.*seconds\|requests_total"
+      --concurrency "$C" --output-len "$L" --warmup 8 --json "$OUT/mmserver_${TAG}.json" 2>&1 | tail -14
+    curl -s localhost:8000/metrics > "$OUT/metrics_${TAG}.txt"
+    grep -v "^#" "$OUT/metrics_${TAG}.txt" | grep "ttft_stage\|vit_.*seconds\|requests_total"
     if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then  # where each process spends its time
       python3 scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload "$W" --num-requests 512 \
         --concurrency "$C" --output-len "$L" --seed 7 >/dev/null 2>&1 &
@@ -67,6 +73,7 @@ if [[ $STEPS == *bench* ]]; then
       wait $BENCH
     fi
     kill -TERM $SRV; wait $SRV
+  done
   done
   if [ "${HF:-1}" = 1 ]; then
     W=${HF_W:-W1}

@@ -332,7 +332,7 @@ def test_run_copies_a_device_batch_into_the_static_inputs(pipe):
     for r in _requests(pipe, 3, seed=5, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()  # prefill: every request now decodes
-    batch, plan, _ = eng._build_batch()
+    batch, plan, _ = eng._build_batch(eng.running)
     assert batch.is_decode and len(plan) == 3
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table)
     got = graphs.run(batch)
@@ -445,7 +445,7 @@ def test_graph_run_matches_forward_on_gpu(gpu_pipe, n):
     for r in _requests(gpu_pipe, n, seed=10 + n, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()
-    batch, _, _ = eng._build_batch()
+    batch, _, _ = eng._build_batch(eng.running)
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table).clone()
     got = graphs.run(batch).clone()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

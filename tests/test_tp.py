@@ -64,6 +64,7 @@ def _run_leader_follower(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
     leader = TPLeader(model.llm, tp)
     requests = [{"prompt_ids": ids, "image_embeds": emb} for (ids, _), emb in zip(job["requests"], job["embeds"])]
     try:
+        cfg.overlap_schedule = True  # as on a GPU: the followers get the device-filled input ids
         return {"tokens": _generate(Engine(leader, cfg, job["image_token_id"]), requests)}
     finally:
         leader.stop()

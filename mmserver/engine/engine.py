@@ -4,6 +4,19 @@ Each `step()` admits what fits (peak-KV admission), encodes the images of newly 
 requests, packs prefill chunks and decode tokens of every running request into one
 forward, samples, and retires finished requests at once (continuous batching). The same
 engine runs in-process (the pipeline) and inside the server's model worker.
+
+Overlap schedule (`EngineConfig.overlap_schedule`, on by default on CUDA): `step()` launches
+step N's forward and sampling, and only then waits for step N-1's sampled tokens and does
+their bookkeeping (finish checks, outputs), so the host builds and retires batches while the
+GPU computes. Step N reads the tokens of step N-1 on the device: their host input ids are the
+sentinel -1 - i (row i of step N-1's sampled tokens) and `_fill_pending_ids` swaps them in
+before the forward. Consequences, all invisible in the outputs:
+* a request that stops on an EOS token at step N-1 has already been fed to step N; that
+  extra token is dropped and its KV slot freed with the request's others;
+* a request that ends by length is known to end and is left out of step N;
+* a batch with repetition/presence/frequency penalties needs its tokens on the host to
+  sample, so pending tokens are resolved first (that step does not overlap).
+Each step's outputs come back one `step()` later; `has_work()` stays true until they have.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ class EngineConfig:
     vit_batch_tiles: int = 64  # tiles per ViT forward
     # Replay decode steps from CUDA graphs (CUDA devices only; MMSERVER_CUDA_GRAPHS=0 also turns them off).
     cuda_graphs: bool = True
+    # Build step N+1 while the device runs step N (see the module doc). None: on for CUDA devices.
+    overlap_schedule: bool | None = None
 
 
 @dataclass
@@ -61,14 +76,17 @@ class Request:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     image_offsets: list[int] = field(default_factory=list)  # prompt positions of image tokens
+    pending: int = 0  # tokens sampled on the device, not yet in output_ids (overlap schedule)
+    pending_index: int = -1  # row of the latest of them in its step's sampled tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt and generated tokens, the pending ones included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
     def footprint(self) -> Footprint:
-        return Footprint(self.num_tokens, self.params.max_new_tokens - len(self.output_ids))
+        return Footprint(self.num_tokens, self.params.max_new_tokens - len(self.output_ids) - self.pending)
 
 
 @dataclass
@@ -78,6 +96,17 @@ class StepOutput:
     logprob: float
     finished: bool
     finish_reason: str | None
+
+
+@dataclass
+class _Launched:
+    """A step whose sampled tokens are still on their way to the host."""
+
+    producers: list[Request]  # in the order of the sampled rows
+    tokens: torch.Tensor  # [R] int64 on the device: what the next step's sentinel ids index
+    host_tokens: torch.Tensor  # [R] views of the pinned buffers the results are copied to
+    host_logprobs: torch.Tensor
+    ready: torch.cuda.Event | None  # recorded after the copies (CUDA)
 
 
 class Engine:
@@ -98,10 +127,14 @@ class Engine:
         # Every batch's integer inputs go to the device in one copy (sized for the largest batch).
         self._inputs = InputBuffers(self.device, batch_bytes(config.batch_max_tokens + config.max_requests,
                                                              config.max_requests, config.max_requests))
-        # Sampled tokens and logprobs come back in one sync, through pinned buffers on CUDA.
-        pin = self.device.type == "cuda"
-        self._out_tokens = torch.empty(config.max_requests, dtype=torch.int64, pin_memory=pin)
-        self._out_logprobs = torch.empty(config.max_requests, dtype=torch.float32, pin_memory=pin)
+        # Sampled tokens and logprobs come back through pinned buffers on CUDA, one wait per step;
+        # two pairs, used in turn, since one step's results are read while the next is copied.
+        self._pinned = self.device.type == "cuda"
+        self._out_buffers = [self._host_buffers(config.max_requests) for _ in range(2)]
+        self._launches = 0
+        self._inflight: deque[_Launched] = deque()
+        overlap = config.overlap_schedule
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.graphs: DecodeGraphs | None = None
         if graphs_enabled(config.cuda_graphs, self.device):
             self.graphs = self._init_graphs()
@@ -146,19 +179,46 @@ class Engine:
         self._finish(req, reason)
 
     def has_work(self) -> bool:
+        """Requests waiting or running (a running one may only await its last pending token)."""
         return bool(self.waiting or self.running)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Launch the next forward; return the tokens of the step that just came back (this one's
+        without the overlap schedule, the previous one's with it)."""
         self._admit()
-        if not self.running:
-            return []
-        batch, plan, graph_size = self._build_batch()
+        outs: list[StepOutput] = []
+        batch_reqs = [r for r in self.running if not self._ends_by_length(r)]
+        if self._inflight and any(r.params.has_penalties for r in batch_reqs):
+            outs += self._resolve(self._inflight.popleft())  # penalties read the tokens on the host
+            batch_reqs = [r for r in self.running if not self._ends_by_length(r)]
+        if batch_reqs:
+            self._inflight.append(self._launch(batch_reqs))
+        keep = 1 if self.overlap and batch_reqs else 0
+        while len(self._inflight) > keep:
+            outs += self._resolve(self._inflight.popleft())
+        return outs
+
+    def _launch(self, reqs: list[Request]) -> _Launched:
+        """Forward and sample one batch of `reqs` without waiting for the device."""
+        batch, plan, graph_size = self._build_batch(reqs)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size, batch, len(plan))
         else:
             logits = self.llm.forward(batch, self.kv.buffer, self.table.table)
-        return self._sample_and_update(logits, plan)
+        producers = [r for r, produces in plan if produces]
+        if not producers:
+            empty = torch.empty(0, dtype=torch.int64)
+            return _Launched([], empty, empty, empty, None)
+        if any(r.pending and r.params.has_penalties for r in producers):
+            raise RuntimeError("a penalised request is sampled before its previous token reached the host")
+        token_ids, logprobs = self.sampler(logits, [r.params for r in producers], [r.prompt_ids for r in producers],
+                                           [r.output_ids for r in producers], [r.generator for r in producers],
+                                           num_outputs=[len(r.output_ids) + r.pending for r in producers])
+        for i, r in enumerate(producers):
+            r.pending += 1
+            r.pending_index = i
+        return self._copy_to_host(producers, token_ids, logprobs)
 
     # ----------------------------------------------------------------------------------
     # CUDA graphs
@@ -225,30 +285,57 @@ class Engine:
         if start != feats.shape[0]:
             raise RequestError(f"images produced {feats.shape[0]} embedding rows but prompts hold {start} image tokens")
 
-    def _build_batch(self) -> tuple[ForwardBatch, list[tuple[Request, bool]], int | None]:
-        """Pack this step's prefill chunks and decode tokens; returns the batch, (request, produces a
-        token) per row, and the graph size to replay (None: run eagerly)."""
-        decodes = sum([r.num_cached >= len(r.prompt_ids) for r in self.running])
-        if decodes == len(self.running):
-            hb, plan = self._decode_host_batch()
+    def _ends_by_length(self, r: Request) -> bool:
+        """Its pending token is its last (max_new_tokens or max_req_len): nothing more to run."""
+        return r.pending > 0 and (len(r.output_ids) + r.pending >= r.params.max_new_tokens
+                                  or r.num_tokens >= self.config.max_req_len)
+
+    def _build_batch(self, reqs: list[Request]) -> tuple[ForwardBatch, list[tuple[Request, bool]], int | None]:
+        """Pack this step's prefill chunks and decode tokens of `reqs`; returns the batch, (request,
+        produces a token) per row, and the graph size to replay (None: run eagerly)."""
+        decodes = sum([r.num_cached >= len(r.prompt_ids) for r in reqs])
+        if decodes == len(reqs):
+            hb, plan = self._decode_host_batch(reqs)
             image_parts: list[torch.Tensor] = []
         else:
-            hb, plan, image_parts = self._mixed_host_batch(decodes)
+            hb, plan, image_parts = self._mixed_host_batch(reqs, decodes)
         graph_size = None
         if self.graphs is not None and hb.max_q_len == 1 and not image_parts and len(hb.logit_rows) == len(plan):
             graph_size = self.graphs.bucket(len(plan))
         if graph_size is not None:
             batch, index = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
         else:
-            image_rows = torch.cat(image_parts).to(self.device, self.llm.dtype) if image_parts else None
+            image_rows = self._image_rows(image_parts) if image_parts else None
             batch, index = self._inputs.pack(hb, image_rows)
+        if any(r.pending for r, _ in plan):
+            self._fill_pending_ids(batch.input_ids, self._inflight[-1].tokens)
         self.table.write(index, batch.slots)  # before the forward: attention reads the new tokens' slots
         return batch, plan, graph_size
 
-    def _decode_host_batch(self) -> tuple[HostBatch, list[tuple[Request, bool]]]:
-        """Every running request decodes one token: the steady state, built with comprehensions
+    def _image_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This batch's image embedding rows on the device. Host rows (the server's, read from
+        shared memory) go through pinned memory: a pageable host→GPU copy would wait for the
+        step in flight and undo the overlap."""
+        if self._pinned and not parts[0].is_cuda:
+            host = torch.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=parts[0].dtype,
+                               pin_memory=True)
+            return torch.cat(parts, out=host).to(self.device, self.llm.dtype, non_blocking=True)
+        return torch.cat(parts).to(self.device, self.llm.dtype)
+
+    @staticmethod
+    def _fill_pending_ids(input_ids: torch.Tensor, previous: torch.Tensor) -> None:
+        """In place on the device: sentinel ids -1 - i become row i of the previous step's tokens."""
+        source = (-1 - input_ids).clamp_(min=0)
+        input_ids.copy_(torch.where(input_ids < 0, previous[source], input_ids))
+
+    @staticmethod
+    def _last_token(r: Request) -> int:
+        """The input id of a decode step: the last token, or the sentinel naming its device row."""
+        return -1 - r.pending_index if r.pending else r.output_ids[-1]
+
+    def _decode_host_batch(self, running: list[Request]) -> tuple[HostBatch, list[tuple[Request, bool]]]:
+        """Every request decodes one token: the steady state, built with comprehensions
         because its host time adds to every step's."""
-        running = self.running
         n = len(running)
         width = self.table.max_len
         slots = self.kv.alloc(n).numpy()
@@ -257,17 +344,18 @@ class Engine:
         self.table.record_decode(rows, positions, slots)
         for r in running:
             r.num_cached += 1
-        hb = HostBatch(input_ids=[r.output_ids[-1] for r in running], positions=positions,
+        hb = HostBatch(input_ids=[self._last_token(r) for r in running], positions=positions,
                        table_index=[row * width + p for row, p in zip(rows, positions)], slots=slots,
                        req_rows=rows, cu_q=range(n + 1), prefix_lens=positions, seq_lens=[p + 1 for p in positions],
                        logit_rows=range(n), max_q_len=1, max_seq_len=max(positions) + 1)
         return hb, [(r, True) for r in running]
 
-    def _mixed_host_batch(self, decodes: int) -> tuple[HostBatch, list[tuple[Request, bool]], list[torch.Tensor]]:
+    def _mixed_host_batch(self, reqs: list[Request],
+                          decodes: int) -> tuple[HostBatch, list[tuple[Request, bool]], list[torch.Tensor]]:
         """Prefill chunks (within batch_max_tokens) beside the decode tokens."""
         budget = max(self.config.batch_max_tokens - decodes, 1)
         chunks: list[tuple[Request, int, int]] = []  # (request, first new position, new tokens)
-        for r in self.running:
+        for r in reqs:
             start = r.num_cached
             if start < len(r.prompt_ids):
                 if budget <= 0:
@@ -292,7 +380,7 @@ class Engine:
                 positions.extend(range(start, start + n))
                 table_index.extend(range(r.row * width + start, r.row * width + start + n))
             else:
-                ids.append(r.output_ids[-1])
+                ids.append(self._last_token(r))
                 positions.append(start)
                 table_index.append(r.row * width + start)
             used = None
@@ -333,15 +421,35 @@ class Engine:
             idx[pos - start] = base + k
         return idx, r.image_embeds[lo:hi]
 
-    def _sample_and_update(self, logits: torch.Tensor, plan: list[tuple[Request, bool]]) -> list[StepOutput]:
-        producers = [r for r, produces in plan if produces]
-        if not producers:
-            return []
-        token_ids, logprobs = self.sampler(logits, [r.params for r in producers], [r.prompt_ids for r in producers],
-                                           [r.output_ids for r in producers], [r.generator for r in producers])
-        token_ids, logprobs = self._to_host(token_ids, logprobs)
+    def _host_buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(n, dtype=torch.int64, pin_memory=self._pinned),
+                torch.empty(n, dtype=torch.float32, pin_memory=self._pinned))
+
+    def _copy_to_host(self, producers: list[Request], token_ids: torch.Tensor, logprobs: torch.Tensor) -> _Launched:
+        """Start both results' copies to the host (async on CUDA, into this step's pinned pair)."""
+        if not token_ids.is_cuda:
+            return _Launched(producers, token_ids, token_ids, logprobs, None)
+        n, pair = token_ids.numel(), self._launches % 2
+        self._launches += 1
+        if n > self._out_buffers[pair][0].numel():
+            self._out_buffers[pair] = self._host_buffers(n)
+        tok, lp = (b[:n] for b in self._out_buffers[pair])
+        tok.copy_(token_ids, non_blocking=True)
+        lp.copy_(logprobs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(producers, token_ids, tok, lp, ready)
+
+    def _resolve(self, step: _Launched) -> list[StepOutput]:
+        """Wait for a launched step's tokens (the one sync of a step); append them and retire
+        what finished. Tokens of requests that finished meanwhile are dropped."""
+        if step.ready is not None:
+            step.ready.synchronize()
         outs = []
-        for r, tok, lp in zip(producers, token_ids, logprobs):
+        for r, tok, lp in zip(step.producers, step.host_tokens.tolist(), step.host_logprobs.tolist()):
+            r.pending -= 1
+            if r.finished:  # stopped on an earlier token or aborted
+                continue
             r.output_ids.append(tok)
             r.output_logprobs.append(lp)
             reason = self._finish_reason(r, tok)
@@ -350,25 +458,11 @@ class Engine:
             outs.append(StepOutput(r.req_id, tok, lp, r.finished, r.finish_reason))
         return outs
 
-    def _to_host(self, token_ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Both results as lists with one stream sync: two async copies into pinned buffers, one wait."""
-        if not token_ids.is_cuda:
-            return token_ids.tolist(), logprobs.tolist()
-        n = token_ids.numel()
-        if n > self._out_tokens.numel():
-            self._out_tokens = torch.empty(n, dtype=torch.int64, pin_memory=True)
-            self._out_logprobs = torch.empty(n, dtype=torch.float32, pin_memory=True)
-        tok, lp = self._out_tokens[:n], self._out_logprobs[:n]
-        tok.copy_(token_ids, non_blocking=True)
-        lp.copy_(logprobs, non_blocking=True)
-        torch.cuda.current_stream(token_ids.device).synchronize()
-        return tok.tolist(), lp.tolist()
-
     def _finish_reason(self, r: Request, tok: int) -> str | None:
         p = r.params
         if not p.ignore_eos and tok in p.stop_token_ids and len(r.output_ids) >= p.min_new_tokens:
             return "stop"
-        if len(r.output_ids) >= p.max_new_tokens or r.num_tokens >= self.config.max_req_len:
+        if len(r.output_ids) >= p.max_new_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.config.max_req_len:
             return "length"
         return None
 

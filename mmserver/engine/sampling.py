@@ -143,17 +143,19 @@ class Sampler:
         prompt_ids: list[Tensor | list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        num_outputs: list[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``."""
+        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``.
+
+        ``num_outputs`` counts each row's generated tokens for min_new_tokens when some are
+        not in ``output_ids`` yet (the engine's overlap schedule; rows with penalties must
+        have them all there). Default: ``len(output_ids[i])``."""
         batch = logits.shape[0]
         if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch:
             raise ValueError("params, prompt_ids, output_ids and generators need one entry per row")
         logits = logits.float()
-
-        min_token_rows = [
-            i for i, p in enumerate(params)
-            if _needs_min_token_mask(p, len(output_ids[i]))
-        ]
+        counts = num_outputs if num_outputs is not None else [len(ids) for ids in output_ids]
+        min_token_rows = [i for i, p in enumerate(params) if _needs_min_token_mask(p, counts[i])]
         if not min_token_rows and all(p.is_greedy and not p.has_penalties for p in params):
             tokens = logits.argmax(dim=-1)  # fast path: plain greedy
         else:
@@ -164,13 +166,23 @@ class Sampler:
             tokens = processed.argmax(dim=-1)
             sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
             if sample_rows:
-                rows = torch.tensor(sample_rows, device=logits.device)
+                rows = _on_device(sample_rows, logits.device)
                 picked = _sample(processed[rows], [params[i] for i in sample_rows],
                                  [generators[i] for i in sample_rows])
                 tokens[rows] = picked
 
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
         return tokens, logprobs
+
+
+def _on_device(values: Sequence | Tensor, device: torch.device) -> Tensor:
+    """Host values as a tensor on `device` without synchronising the stream: a plain host→CUDA
+    copy waits for all queued work, which would undo the engine's overlap schedule. Pinned
+    memory makes the copy asynchronous (torch keeps the block alive until it has run)."""
+    host = values if isinstance(values, Tensor) else torch.tensor(values)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # --- logit processors -------------------------------------------------------
@@ -204,7 +216,7 @@ def _flat_index(id_lists: Sequence[Tensor | list[int]], vocab: int, device: torc
         else:
             on_host.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu() + row * vocab)
     if on_host:
-        on_device.append(torch.cat(on_host).to(device))
+        on_device.append(_on_device(torch.cat(on_host), device))
     return torch.cat(on_device) if on_device else torch.zeros(0, dtype=torch.long, device=device)
 
 
@@ -218,11 +230,11 @@ def _apply_repetition_penalty(
     if not sel:
         return
     device = logits.device
-    rows = torch.tensor(sel, device=device)
+    rows = _on_device(sel, device)
     vocab = logits.shape[1]
     seen = (_token_counts([prompt_ids[i] for i in sel], vocab, device)
             + _token_counts([output_ids[i] for i in sel], vocab, device)) > 0
-    penalty = torch.tensor([params[i].repetition_penalty for i in sel], device=device).unsqueeze(1)
+    penalty = _on_device([params[i].repetition_penalty for i in sel], device).unsqueeze(1)
     sub = logits[rows]
     penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
     logits[rows] = torch.where(seen, penalised, sub)
@@ -235,10 +247,10 @@ def _apply_presence_frequency(
     if not sel:
         return
     device = logits.device
-    rows = torch.tensor(sel, device=device)
+    rows = _on_device(sel, device)
     counts = _token_counts([output_ids[i] for i in sel], logits.shape[1], device)
-    presence = torch.tensor([params[i].presence_penalty for i in sel], device=device).unsqueeze(1)
-    frequency = torch.tensor([params[i].frequency_penalty for i in sel], device=device).unsqueeze(1)
+    presence = _on_device([params[i].presence_penalty for i in sel], device).unsqueeze(1)
+    frequency = _on_device([params[i].frequency_penalty for i in sel], device).unsqueeze(1)
     logits[rows] -= presence * (counts > 0).float() + frequency * counts
 
 
@@ -247,7 +259,7 @@ def _mask_stop_tokens(logits: Tensor, params: list[SamplingParams], rows: list[i
     # Ids outside the LM head cannot be produced anyway, so they are skipped.
     pairs = [(i, t) for i in rows for t in params[i].stop_token_ids if 0 <= t < vocab]
     if pairs:
-        index = torch.tensor(pairs, device=logits.device)
+        index = _on_device(pairs, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
@@ -259,7 +271,7 @@ def _sample(
 ) -> Tensor:
     """Draw one token per row from temperature-scaled, top-k/top-p truncated logits."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    temperature = _on_device([p.temperature for p in params], device).unsqueeze(1)
     logits = logits / temperature
     if any(_top_k(p, logits.shape[1]) or p.top_p < 1.0 for p in params):
         logits = _truncate_top_k_top_p(logits, params)
@@ -279,10 +291,10 @@ def _truncate_top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tenso
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     position = torch.arange(vocab, device=device).unsqueeze(0)
 
-    k = torch.tensor([_top_k(p, vocab) or vocab for p in params], device=device).unsqueeze(1)
+    k = _on_device([_top_k(p, vocab) or vocab for p in params], device).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(position >= k, float("-inf"))
 
-    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    top_p = _on_device([p.top_p for p in params], device).unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token once the tokens ranked above it already reach top_p; the top
     # token has nothing above it, so it always survives.
@@ -303,7 +315,8 @@ def _exponential_race(probs: Tensor, generators: list[torch.Generator | None]) -
     noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:  # the global RNG promises no reproducibility, so draw these at once
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(1.0)
+        rows = _on_device(unseeded, probs.device)
+        noise[rows] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(1.0)
     for i, generator in enumerate(generators):
         if generator is not None:
             noise[i].exponential_(1.0, generator=generator)
