@@ -17,10 +17,10 @@ class SlowCache:
         self.released: list[int] = []
         self.started = threading.Event()
 
-    def alloc(self, items):
+    def alloc_many(self, batches):
         self.started.set()
         time.sleep(0.3)
-        return tuple((i + 1, f"emb-{i}", f"img-{i}", False) for i in range(len(items)))
+        return [tuple((i + 1, f"emb-{i}", f"img-{i}", False) for i in range(len(items))) for items in batches]
 
     def release(self, ids):
         self.released.extend(ids)
@@ -95,3 +95,74 @@ def test_default_tile_cap_comes_from_max_patch_num(ckpt, monkeypatch):
     finally:
         with_cap.close()
         without.close()
+
+
+def _coalescer_scenario(call, n: int, on_orphan=None, cancel: int | None = None):
+    """n concurrent callers of a Coalescer over `call` (run in one thread); caller `cancel`
+    is cancelled while the first call is in flight. Returns (results or exceptions, coalescer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmserver.frontend.coalesce import Coalescer
+
+    pool = ThreadPoolExecutor(1)
+    c = Coalescer(pool, call, on_orphan=on_orphan)
+
+    async def scenario():
+        tasks = [asyncio.create_task(c(0))]
+        await asyncio.sleep(0.05)  # the first call is in flight: the others queue behind it
+        tasks += [asyncio.create_task(c(i)) for i in range(1, n)]
+        await asyncio.sleep(0.01)
+        if cancel is not None:
+            tasks[cancel].cancel()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.3)  # let a call still running for a cancelled caller finish
+        return out
+
+    try:
+        return asyncio.run(scenario()), c
+    finally:
+        pool.shutdown()
+
+
+def test_coalescer_merges_queued_calls_and_routes_results():
+    batches = []
+
+    def call(args):
+        batches.append(list(args))
+        time.sleep(0.2)
+        return [a * 10 for a in args]
+
+    results, c = _coalescer_scenario(call, 6)
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert batches == [[0], [1, 2, 3, 4, 5]] and c.calls == 2
+
+
+def test_coalescer_gives_a_cancelled_callers_result_to_on_orphan():
+    orphans = []
+    results, _ = _coalescer_scenario(lambda args: (time.sleep(0.1), [a + 100 for a in args])[1], 4,
+                                     on_orphan=orphans.append, cancel=2)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert results[:2] + results[3:] == [100, 101, 103]
+    assert orphans == [102]  # the call still ran for it: what it took is handed back
+
+
+def test_coalescer_raises_a_failed_call_in_every_caller():
+    def call(args):
+        time.sleep(0.05)
+        raise ConnectionError("cache gone")
+
+    results, _ = _coalescer_scenario(call, 3)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+def test_strict_base64():
+    import binascii
+
+    import pytest
+
+    from mmserver.frontend.b64 import b64decode_strict
+
+    assert b64decode_strict("aGVsbG8gd29ybGQ=") == b"hello world"
+    for bad in ("aGVsbG8gd29ybGQ", "aGVs!G8=", "aGVs\nbG8=", "é"):
+        with pytest.raises((binascii.Error, ValueError)):
+            b64decode_strict(bad)

@@ -28,6 +28,10 @@ class CacheService(rpyc.Service):
         except CacheFull as e:
             return ("full", str(e))
 
+    def exposed_alloc_many(self, batches):
+        """`alloc` of several requests' items in one round trip; each request all or nothing."""
+        return tuple(self.exposed_alloc(items) for items in batches)
+
     def exposed_release(self, ids):
         self.cache.release(tuple(int(i) for i in ids))
 
@@ -62,6 +66,12 @@ class CacheClient:
         with self._lock:
             status, value = self._conn.root.alloc(tuple(tuple(i) for i in items))
             return tuple(tuple(v) for v in value) if status == "ok" else None
+
+    def alloc_many(self, batches: list[list[tuple[str, int, int]]]) -> list[tuple[tuple[int, str, str, bool], ...] | None]:
+        """`alloc` of each batch (one request's items), in one round trip."""
+        with self._lock:
+            out = self._conn.root.alloc_many(tuple(tuple(tuple(i) for i in items) for items in batches))
+            return [tuple(tuple(v) for v in value) if status == "ok" else None for status, value in out]
 
     def release(self, ids: list[int]) -> None:
         if ids:

@@ -12,11 +12,12 @@ The server and the pipeline validate with the same functions here.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from typing import Any
 
 import torch
+
+from .b64 import b64decode_strict
 
 
 class EmbedsError(ValueError):
@@ -55,7 +56,7 @@ def num_tiles(t: torch.Tensor, tokens_per_tile: int) -> int:
 
 def b64decode(data: str, index: int) -> bytes:
     try:
-        return base64.b64decode(data, validate=True)
+        return b64decode_strict(data)
     except (binascii.Error, ValueError) as e:
         raise EmbedsError(f"embeds {index}: invalid base64 data ({e})") from None
 

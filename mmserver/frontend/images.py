@@ -7,7 +7,6 @@ which reports a corrupt or truncated body as a 400 for the request too (see visu
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import io
@@ -17,6 +16,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
+from .b64 import b64decode_strict
 from .errors import BadRequest, TooLarge
 
 
@@ -32,7 +32,7 @@ def _decode_base64(data: str, index: int) -> bytes:
     if data.startswith("data:"):  # tolerate data URLs in the base64 field
         _, _, data = data.partition(",")
     try:
-        return base64.b64decode(data, validate=True)
+        return b64decode_strict(data)
     except (binascii.Error, ValueError) as e:
         raise BadRequest(f"image {index}: invalid base64 data ({e})") from None
 

@@ -23,6 +23,7 @@ from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids
 from ..router.messages import ImageRef
 from . import embeds as embeds_io
 from . import images as image_io
+from .coalesce import Coalescer
 from .errors import BadRequest, Overloaded, TooLarge
 
 
@@ -81,6 +82,11 @@ class Intake:
         self.default_cap = default_cap or cfg.max_dynamic_patch
         self._decode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-decode")
         self._cache_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-client")
+        # Concurrent requests' allocs (and releases) share one cache round trip.
+        self._allocs: Coalescer[list, tuple | None] = Coalescer(self._cache_pool, self._alloc_many,
+                                                                on_orphan=self._release_orphan)
+        self._releases: Coalescer[list, None] = Coalescer(self._cache_pool, self._release_many)
+        self._orphan_releases: set[asyncio.Future] = set()
 
     async def load_images(self, specs: Sequence, request_cap: int) -> list[Prepared]:
         l = self.limits
@@ -170,18 +176,23 @@ class Intake:
         return refs
 
     async def _alloc(self, items: list[tuple[str, int, int]]):
-        """cache.alloc in the cache thread. If the request is cancelled while the call is in
-        flight, the references it takes are given back when it completes, not leaked."""
-        fut = asyncio.get_running_loop().run_in_executor(self._cache_pool, self.cache.alloc, items)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(self._release_orphan)
-            raise
+        """cache.alloc, merged with other requests' into one call. If the request is cancelled
+        meanwhile, the references taken for it are given back when the call completes."""
+        return await self._allocs(items)
 
-    def _release_orphan(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result():
-            self._cache_pool.submit(self.cache.release, [rec[0] for rec in fut.result()])
+    def _alloc_many(self, batches: list[list[tuple[str, int, int]]]) -> list:
+        return self.cache.alloc_many(batches)
+
+    def _release_many(self, batches: list[list[int]]) -> list[None]:
+        self.cache.release([i for ids in batches for i in ids])
+        return [None] * len(batches)
+
+    def _release_orphan(self, got) -> None:
+        """Runs in the event loop when a cancelled request's alloc completes."""
+        if got:
+            task = asyncio.ensure_future(self._releases([rec[0] for rec in got]))
+            self._orphan_releases.add(task)  # a task nobody references may be collected mid-way
+            task.add_done_callback(self._orphan_releases.discard)
 
     def _write_embeds(self, items: list[PreparedEmbeds]) -> list[ImageRef]:
         refs: list[ImageRef] = []
@@ -205,8 +216,7 @@ class Intake:
         _unlink_owned(refs)
         record_ids = [r.record_id for r in refs if not r.precomputed]
         if record_ids:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._cache_pool, self.cache.release, record_ids)
+            await self._releases(record_ids)
 
     async def cache_call(self, fn, *args):
         loop = asyncio.get_running_loop()
