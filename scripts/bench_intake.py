@@ -51,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def run(args: argparse.Namespace, socket_path: str, bodies: list[tuple[str, list[str]]]) -> list[float]:
-    cfg = load_config(args.model_dir)
+async def run(args: argparse.Namespace, cfg, socket_path: str, bodies: list[tuple[str, list[str]]]) -> list[float]:
     tokenizer = load_tokenizer(args.model_dir)
     special = SpecialIds.from_tokenizer(tokenizer)
     session = aiohttp.ClientSession()
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the cache process did not start")
     try:
         start = time.perf_counter()
-        lat = uvloop.run(run(args, socket_path, bodies))
+        lat = uvloop.run(run(args, cfg, socket_path, bodies))
         duration = time.perf_counter() - start
     finally:
         proc.terminate()

@@ -22,15 +22,15 @@ class CacheService(rpyc.Service):
         super().__init__()
         self.cache = cache
 
-    def exposed_alloc(self, items):
+    def exposed_alloc_many(self, batches):
+        """`alloc` of several requests' items in one round trip; each request all or nothing."""
+        return tuple(self._alloc(items) for items in batches)
+
+    def _alloc(self, items):
         try:
             return ("ok", self.cache.alloc(tuple((str(k), int(n), int(b)) for k, n, b in items)))
         except CacheFull as e:
             return ("full", str(e))
-
-    def exposed_alloc_many(self, batches):
-        """`alloc` of several requests' items in one round trip; each request all or nothing."""
-        return tuple(self.exposed_alloc(items) for items in batches)
 
     def exposed_release(self, ids):
         self.cache.release(tuple(int(i) for i in ids))
@@ -61,14 +61,11 @@ class CacheClient:
         self._conn = rpyc.utils.factory.unix_connect(socket_path, config=_RPYC_CONFIG)
         self._lock = threading.Lock()
 
-    def alloc(self, items: list[tuple[str, int, int]]) -> tuple[tuple[int, str, str, bool], ...] | None:
-        """None when the cache is full of records in use."""
-        with self._lock:
-            status, value = self._conn.root.alloc(tuple(tuple(i) for i in items))
-            return tuple(tuple(v) for v in value) if status == "ok" else None
-
     def alloc_many(self, batches: list[list[tuple[str, int, int]]]) -> list[tuple[tuple[int, str, str, bool], ...] | None]:
-        """`alloc` of each batch (one request's items), in one round trip."""
+        """Take a reference on each request's (key, n_tokens, image_bytes) items, all or nothing per
+        request, for several requests in one round trip. Per request: (record id, embedding
+        segment, image segment, embedding present) per item, or None when the cache is full of
+        records in use."""
         with self._lock:
             out = self._conn.root.alloc_many(tuple(tuple(tuple(i) for i in items) for items in batches))
             return [tuple(tuple(v) for v in value) if status == "ok" else None for status, value in out]

@@ -285,10 +285,13 @@ class Engine:
         if start != feats.shape[0]:
             raise RequestError(f"images produced {feats.shape[0]} embedding rows but prompts hold {start} image tokens")
 
+    def _length_reached(self, r: Request, generated: int) -> bool:
+        """`generated` tokens end `r` by length: max_new_tokens or max_req_len."""
+        return generated >= r.params.max_new_tokens or len(r.prompt_ids) + generated >= self.config.max_req_len
+
     def _ends_by_length(self, r: Request) -> bool:
-        """Its pending token is its last (max_new_tokens or max_req_len): nothing more to run."""
-        return r.pending > 0 and (len(r.output_ids) + r.pending >= r.params.max_new_tokens
-                                  or r.num_tokens >= self.config.max_req_len)
+        """Its pending token is its last: nothing more to run."""
+        return r.pending > 0 and self._length_reached(r, len(r.output_ids) + r.pending)
 
     def _build_batch(self, reqs: list[Request]) -> tuple[ForwardBatch, list[tuple[Request, bool]], int | None]:
         """Pack this step's prefill chunks and decode tokens of `reqs`; returns the batch, (request,
@@ -462,7 +465,7 @@ class Engine:
         p = r.params
         if not p.ignore_eos and tok in p.stop_token_ids and len(r.output_ids) >= p.min_new_tokens:
             return "stop"
-        if len(r.output_ids) >= p.max_new_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.config.max_req_len:
+        if self._length_reached(r, len(r.output_ids)):
             return "length"
         return None
 
