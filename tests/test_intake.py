@@ -58,7 +58,7 @@ def test_image_encoded_meanwhile_needs_no_vit():
     from mmserver.embed_cache import shm
     from mmserver.frontend.images import LoadedImage
     from mmserver.frontend.intake import PreparedImage, _write_image_bytes
-    from mmserver.router.messages import ImageRef
+    from mmserver.ipc import ImageRef
 
     prefix = f"mmstest{os.getpid()}-"
     data = b"\x89PNG fake bytes"

@@ -20,7 +20,7 @@ from ..embed_cache.service import CacheClient
 from ..models.internvl.config import InternVLConfig
 from ..models.internvl.preprocess import num_tiles
 from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids
-from ..router.messages import ImageRef
+from ..ipc import ImageRef
 from . import embeds as embeds_io
 from . import images as image_io
 from .coalesce import Coalescer

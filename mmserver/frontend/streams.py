@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import AsyncIterator, Callable
 
-from ..router.messages import ImageRef, ServeRequest, TokenOut
+from ..ipc import ImageRef, ServeRequest, TokenOut
 from .detokenize import IncrementalDetokenizer, token_text
 from .errors import BadRequest, HTTPError, Unavailable
 

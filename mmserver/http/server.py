@@ -16,7 +16,7 @@ from ..engine.sampling import SamplingParams
 from ..frontend.errors import BadRequest, HTTPError, Overloaded, TooLarge, Unavailable
 from ..frontend.intake import Intake
 from ..frontend.streams import Streams
-from ..router.messages import ServeRequest
+from ..ipc import ServeRequest
 from .metrics import render_metrics
 from .schemas import GenerateRequest, parse_generate
 

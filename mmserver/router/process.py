@@ -16,7 +16,7 @@ import torch
 from ..args import ServerArgs
 from ..embed_cache import shm
 from ..engine.engine import Engine, RequestError
-from .messages import ServeRequest, TokenOut
+from ..ipc import ServeRequest, TokenOut
 from .sizing import engine_config_for
 
 log = logging.getLogger("mmserver.router")

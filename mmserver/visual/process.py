@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from ..embed_cache.service import CacheClient
-from ..router.messages import ImageRef, ServeRequest
+from ..ipc import ImageRef, ServeRequest
 from .workers import BatchResult, LocalWorker, RemoteWorker, VitRunner, tp_encode, tp_follow
 
 log = logging.getLogger("mmserver.visual")

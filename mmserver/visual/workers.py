@@ -21,7 +21,7 @@ import torch
 
 from ..embed_cache import shm
 from ..models.internvl.preprocess import ImageError, load_image, tile_pixels
-from ..router.messages import ImageRef
+from ..ipc import ImageRef
 
 
 @dataclass

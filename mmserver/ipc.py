@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams
 
 
 @dataclass
