@@ -42,7 +42,7 @@ def _start_vit_workers(args: ServerArgs, cluster: Cluster) -> list:
     return remote
 
 
-def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) -> dict:
+def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
     """Start the child processes in order; returns the HTTP process's pipe ends and facts."""
     from .embed_cache.process import run_cache
     from .router.process import run_model_worker, run_router
@@ -67,7 +67,7 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) 
         ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
     init = f"file://{cluster.workdir}/llm.init"
     cluster.spawn("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
-                  from_visual=visual_to_router_r, to_http=router_to_http_w, image_token_id=image_token_id,
+                  from_visual=visual_to_router_r, to_http=router_to_http_w,
                   init_method=init)
     for r in range(1, args.tp):
         cluster.spawn(f"model{r}", run_model_worker, args.log_level, args=args, tp_rank=r, init_method=init)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     stop_ids = stop_token_ids(args.model_dir, tokenizer, cfg.llm.eos_token_ids)
     cluster = new_cluster()
     try:
-        ends = start_workers(args, cluster, cfg, special.img_context)
+        ends = start_workers(args, cluster, cfg)
     except StartupError as e:
         cluster.shutdown()
         fail(str(e))

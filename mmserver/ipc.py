@@ -34,6 +34,7 @@ class ServeRequest:
     input_ids: list[int]
     params: SamplingParams
     images: list[ImageRef] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) of each image's tokens
     # time.monotonic() stamps, one clock for every process on the host: the TTFT breakdown of /metrics
     t_arrival: float = 0.0  # the HTTP handler started on this request
     t_sent: float = 0.0  # handed to the next process (HTTP → visual or router, visual → router)

@@ -36,7 +36,7 @@ from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
 from .models.internvl.config import stop_token_ids
 from .models.internvl.preprocess import ImageError, load_image, preprocess_image
-from .models.internvl.prompt import (IMAGE_PLACEHOLDER, PromptError, SpecialIds, build_input_ids, get_template,
+from .models.internvl.prompt import (IMAGE_PLACEHOLDER, PromptError, SpecialIds, build_input_ids, context_spans, get_template,
                                      question_with_images)
 from .models.internvl.tokenizer import load_tokenizer
 from .models.registry import load_model
@@ -141,7 +141,7 @@ class Session:
 @dataclass
 class _Visual:
     tiles: int
-    pixels: torch.Tensor | None = None  # [tiles, 3, 448, 448] of an image, encoded by the engine
+    pixels: torch.Tensor | None = None  # [tiles, 3, 448, 448] of an image, encoded before it runs
     embeds: torch.Tensor | None = None  # [tiles · image length, hidden] given by the caller
 
 
@@ -188,8 +188,7 @@ class Pipeline:
         self.stop_token_ids = stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
-        self.engine = Engine(self.model.llm, engine_config or EngineConfig(), self.special.img_context,
-                             encode_images=self.model.vision.encode)
+        self.engine = Engine(self.model.llm, engine_config or EngineConfig())
 
     # ----------------------------------------------------------------------------------
     # Public API
@@ -298,8 +297,10 @@ class Pipeline:
                   gen: GenerationConfig) -> Iterator[StreamResponse]:
         live: dict[int, _Live] = {}
         try:
+            embeds = self._encode_all([v for p in prepared for v in p.visuals])
             for index, p in enumerate(prepared):
-                rid = self.engine.add_request(p.ids, _copy_params(params), **self._image_inputs(p.visuals))
+                rows = [embeds.pop(0) for _ in p.visuals]
+                rid = self.engine.add_request(p.ids, _copy_params(params), **self.image_inputs(p.ids, rows))
                 detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences),
                                                prompt_ids=p.ids)
                 live[rid] = _Live(index, len(p.ids), detok)
@@ -311,15 +312,31 @@ class Pipeline:
                 self.engine.abort(rid)
 
     @torch.inference_mode()
-    def _image_inputs(self, visuals: list[_Visual]) -> dict[str, Any]:
-        """Pixels for the engine to encode (batched with other requests' images), or, when
-        embeddings were given, every image's rows in order."""
-        if all(v.embeds is None for v in visuals):
-            return {"pixel_values": [v.pixels for v in visuals] or None}
+    def _encode_all(self, visuals: list[_Visual]) -> list[torch.Tensor]:
+        """Each image's embedding rows [tiles · image length, hidden]: given ones as they are,
+        the others encoded together (one ViT batch stream for the whole call)."""
+        pixels = [v.pixels for v in visuals if v.embeds is None]
         hidden = self.cfg.llm.hidden_size
-        rows = [v.embeds.to(self.device) if v.embeds is not None
-                else self.engine.encode_images(v.pixels).reshape(-1, hidden) for v in visuals]
-        return {"image_embeds": torch.cat(rows)}
+        feats = self.model.vision.encode(torch.cat(pixels)).reshape(-1, hidden) if pixels else None
+        out, start = [], 0
+        for v in visuals:
+            if v.embeds is not None:
+                out.append(v.embeds.to(self.device))
+            else:
+                n = v.pixels.shape[0] * self.model.tokens_per_tile
+                out.append(feats[start:start + n])
+                start += n
+        return out
+
+    def image_inputs(self, ids: list[int], rows: list[torch.Tensor]) -> dict[str, Any]:
+        """`Engine.add_request` keywords for a prompt and its images' embedding rows, in order."""
+        if not rows:
+            return {}
+        return {"image_embeds": torch.cat(rows), "image_spans": context_spans(ids, self.special.img_context)}
+
+    def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Embedding rows of each image's tiles (as `prepare` returns them)."""
+        return self._encode_all([_Visual(p.shape[0], pixels=p) for p in pixels])
 
     def _advance(self, live: dict[int, _Live], out: StepOutput, want_logprobs: bool) -> StreamResponse:
         st = live[out.req_id]

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_req_len=args.max_req_len or per_request,
                           batch_max_tokens=max(8192, args.prompt_len), cuda_graphs=not args.no_graphs)
     start = time.perf_counter()
-    eng = Engine(llm, config, image_token_id=-1)
+    eng = Engine(llm, config)
     setup_s = time.perf_counter() - start
     mode = "graphs" if eng.graphs is not None else "eager"
     if not args.no_graphs and eng.graphs is None:

@@ -106,8 +106,7 @@ class DecodeLoop:
 
         weights = load_weights(model_dir, cfg, device=device, dtype=dtype, progress=False, components=("llm",))
         self.engine = Engine(DecoderLM(cfg.llm, weights), EngineConfig(
-            max_total_tokens=batch * 4200 + 1, max_requests=batch, max_req_len=4200, batch_max_tokens=8192),
-            image_token_id=-1)
+            max_total_tokens=batch * 4200 + 1, max_requests=batch, max_req_len=4200, batch_max_tokens=8192))
         params = SamplingParams(max_new_tokens=4000, ignore_eos=True)
         for i in range(batch):
             self.engine.add_request(list(range(100 + i, 228 + i)), params)

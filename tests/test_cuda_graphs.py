@@ -213,13 +213,14 @@ def _requests(pipe, n: int, seed: int = 0, images: bool = True) -> list[dict]:
             ids, px = pipe.prepare(f"<image>\n{words}", [random_image(448, 448, seed + i)], 1)
         else:
             ids, px = pipe.prepare(words)
-        out.append({"prompt_ids": ids, "pixel_values": px or None, "max_new_tokens": int(rng.integers(2, 10))})
+        out.append({"prompt_ids": ids, "images": pipe.image_inputs(ids, pipe.encode(px)),
+                    "max_new_tokens": int(rng.integers(2, 10))})
     return out
 
 
 def _engine(pipe, emulate: bool = False, **cfg) -> Engine:
     config = EngineConfig(**{"max_total_tokens": 8192, "max_requests": 32, "max_req_len": 1024, **cfg})
-    eng = Engine(pipe.model.llm, config, pipe.special.img_context, encode_images=pipe.model.vision.encode)
+    eng = Engine(pipe.model.llm, config)
     if emulate:
         eng.graphs = eng._init_graphs(emulate=True)
         assert eng.graphs is not None and eng.graphs.emulated
@@ -236,7 +237,7 @@ def _generate(eng: Engine, requests: list[dict], join_at: dict[int, int] | None 
         for i, r in enumerate(requests):
             if join_at.get(i, 0) == step:
                 params = SamplingParams(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-                rids[eng.add_request(r["prompt_ids"], params, pixel_values=r["pixel_values"])] = i
+                rids[eng.add_request(r["prompt_ids"], params, **r["images"])] = i
         for o in eng.step():
             toks, lps = out.setdefault(rids[o.req_id], ([], []))
             toks.append(o.token_id)
@@ -310,7 +311,7 @@ def test_emulated_graph_decode_matches_eager(pipe, eager_result):
 def test_request_of_max_req_len_with_emulated_graphs(pipe):
     """A request using all max_req_len positions never reaches the pad cell (record() would raise)."""
     ids = pipe.prepare("one two three four five")[0]
-    reqs = [{"prompt_ids": ids, "pixel_values": None, "max_new_tokens": 24 - len(ids)}]
+    reqs = [{"prompt_ids": ids, "images": {}, "max_new_tokens": 24 - len(ids)}]
     expected = _generate(_engine(pipe, cuda_graphs=False, max_req_len=24), reqs)
     eng = _engine(pipe, emulate=True, max_req_len=24)
     _assert_same(_generate(eng, reqs), expected)
@@ -359,8 +360,7 @@ def test_capture_failure_falls_back_to_eager(pipe, monkeypatch, caplog):
 # Tensor parallelism: rank 0 replays (emulated) padded batches, the follower runs them eagerly
 
 
-def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[dict], image_token_id: int,
-               out: str) -> None:
+def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[dict], out: str) -> None:
     torch.set_num_threads(1)
     tp = init_tp(rank, world, f"file://{init_file}", backend="gloo")
     try:
@@ -373,7 +373,7 @@ def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[
             return
         leader = TPLeader(model.llm, tp)
         try:
-            eng = Engine(leader, cfg, image_token_id)
+            eng = Engine(leader, cfg)
             eng.graphs = eng._init_graphs(emulate=True)
             tokens = {i: t for i, (t, _) in _generate(eng, requests).items()}
             torch.save({"tokens": tokens, "replays": eng.graphs.replays}, out)
@@ -384,11 +384,11 @@ def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[
 
 
 def test_tp_follower_runs_the_padded_batches(pipe, checkpoints, tmp_path: Path):
-    reqs = [{**r, "pixel_values": None} for r in _requests(pipe, 5, seed=7, images=False)]
+    reqs = _requests(pipe, 5, seed=7, images=False)
     expected = _generate(_engine(pipe, cuda_graphs=False), reqs)
     out = tmp_path / "tp.pt"
     mp.spawn(_tp_worker, args=(2, str(tmp_path / "init"), str(checkpoints("original", "qwen2")), reqs,
-                               pipe.special.img_context, str(out)), nprocs=2, join=True)
+                               str(out)), nprocs=2, join=True)
     got = torch.load(out)
     assert got["replays"] > 0
     assert got["tokens"] == {i: t for i, (t, _) in expected.items()}
@@ -419,7 +419,7 @@ class _LogitsRecorder:
 @needs_cuda
 @pytest.mark.parametrize("n", [1, 3, 17])
 def test_graph_decode_matches_eager_on_gpu(gpu_pipe, n):
-    reqs = [{**r, "pixel_values": None} for r in _requests(gpu_pipe, n, seed=n, images=False)]
+    reqs = _requests(gpu_pipe, n, seed=n, images=False)
     if n > 1:
         reqs[1]["max_new_tokens"] = 12  # a long one keeps decoding alone after the others finish
     eager = _engine(gpu_pipe, cuda_graphs=False)

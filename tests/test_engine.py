@@ -12,12 +12,17 @@ from mmserver.engine.scheduler import Footprint, peak_tokens
 
 @pytest.fixture(scope="module")
 def prompts(pipe, image_factory_module):
-    """(ids, pixels) of mixed requests: text-only, 1 tile, multi-tile, two images."""
+    """(ids, image keywords) of mixed requests: text-only, 1 tile, multi-tile, two images."""
     f = image_factory_module
     specs = [("Tell me a story.", []), ("<image>\nWhat is this?", [f(448, 448, 1)]),
              ("<image>\nDescribe.", [f(1280, 720, 2)]), ("A <image> and B <image>?", [f(200, 600, 3), f(500, 500, 4)]),
              ("short", [])]
-    return [pipe.prepare(p, imgs) for p, imgs in specs]
+    return [_inputs(pipe, *pipe.prepare(p, imgs)) for p, imgs in specs]
+
+
+def _inputs(pipe, ids, pixels) -> tuple[list[int], dict]:
+    """A prompt's ids and its `add_request` image keywords (embeddings from the pipeline's ViT)."""
+    return ids, pipe.image_inputs(ids, pipe.encode(pixels))
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +37,12 @@ def _params(n: int, **kw) -> SamplingParams:
 
 
 def _new_engine(pipe, **cfg) -> Engine:
-    return Engine(pipe.model.llm, EngineConfig(**cfg), pipe.special.img_context, encode_images=pipe.model.vision.encode)
+    return Engine(pipe.model.llm, EngineConfig(**cfg))
 
 
-def _run_alone(pipe, ids, pixels, n) -> list[int]:
+def _run_alone(pipe, ids, images, n) -> list[int]:
     eng = _new_engine(pipe)
-    eng.add_request(ids, _params(n), pixel_values=pixels or None)
+    eng.add_request(ids, _params(n), **images)
     out = []
     while eng.has_work():
         out += [o.token_id for o in eng.step()]
@@ -47,7 +52,7 @@ def _run_alone(pipe, ids, pixels, n) -> list[int]:
 @pytest.fixture(scope="module")
 def alone(pipe, prompts):
     lens = [9, 5, 7, 6, 3]
-    return lens, [_run_alone(pipe, ids, px, n) for (ids, px), n in zip(prompts, lens)]
+    return lens, [_run_alone(pipe, ids, images, n) for (ids, images), n in zip(prompts, lens)]
 
 
 def test_requests_join_and_leave_independently(pipe, prompts, alone):
@@ -60,8 +65,8 @@ def test_requests_join_and_leave_independently(pipe, prompts, alone):
     step = 0
     while step < 100 and (eng.has_work() or step <= max(joins)):
         for i in joins.get(step, []):
-            ids, px = prompts[i]
-            rids[eng.add_request(ids, _params(lens[i]), pixel_values=px or None)] = i
+            ids, images = prompts[i]
+            rids[eng.add_request(ids, _params(lens[i]), **images)] = i
         for o in eng.step():
             outputs.setdefault(rids[o.req_id], []).append(o.token_id)
         running_sizes.append(len(eng.running))
@@ -74,8 +79,8 @@ def test_requests_join_and_leave_independently(pipe, prompts, alone):
 def test_chunked_prefill_gives_same_tokens(pipe, prompts, alone):
     lens, expected = alone
     eng = _new_engine(pipe, batch_max_tokens=100)  # the 9-tile prompt takes ~24 chunks
-    rids = {eng.add_request(ids, _params(n), pixel_values=px or None): i
-            for i, ((ids, px), n) in enumerate(zip(prompts, lens))}
+    rids = {eng.add_request(ids, _params(n), **images): i
+            for i, ((ids, images), n) in enumerate(zip(prompts, lens))}
     outputs: dict[int, list[int]] = {}
     while eng.has_work():
         for o in eng.step():
@@ -87,8 +92,8 @@ def test_admission_never_overcommits_the_pool(pipe, prompts, alone):
     lens, expected = alone
     capacity = 2800  # the 9-tile prompt (~2330 tokens) cannot run beside the others
     eng = _new_engine(pipe, max_total_tokens=capacity)
-    rids = {eng.add_request(ids, _params(n), pixel_values=px or None): i
-            for i, ((ids, px), n) in enumerate(zip(prompts, lens))}
+    rids = {eng.add_request(ids, _params(n), **images): i
+            for i, ((ids, images), n) in enumerate(zip(prompts, lens))}
     outputs: dict[int, list[int]] = {}
     waited = False
     while eng.has_work():
@@ -111,8 +116,8 @@ def test_peak_formula():
 
 def test_running_max_req_size(pipe, prompts):
     eng = _new_engine(pipe, max_requests=2)
-    for ids, px in prompts:
-        eng.add_request(ids, _params(2), pixel_values=px or None)
+    for ids, images in prompts:
+        eng.add_request(ids, _params(2), **images)
     while eng.has_work():
         eng.step()
         assert len(eng.running) <= 2
@@ -120,8 +125,8 @@ def test_running_max_req_size(pipe, prompts):
 
 def test_abort_frees_slots(pipe, prompts):
     eng = _new_engine(pipe)
-    ids, px = prompts[2]
-    rid = eng.add_request(ids, _params(50), pixel_values=px)
+    ids, images = prompts[2]
+    rid = eng.add_request(ids, _params(50), **images)
     eng.step()
     assert eng.kv.used > 0
     eng.abort(rid)
@@ -130,7 +135,7 @@ def test_abort_frees_slots(pipe, prompts):
 
 def test_eos_stops_and_min_new_tokens_and_ignore_eos(pipe, prompts, alone):
     lens, expected = alone
-    ids, px = prompts[0]
+    ids, images = prompts[0]
     eos = expected[0][2]  # pretend the third greedy token is EOS
     first = expected[0].index(eos)
 

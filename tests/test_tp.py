@@ -24,6 +24,7 @@ from mmserver.engine.tp import (TPGroup, TPLeader, destroy_tp, follow, init_tp, 
 from mmserver.models.internvl.config import LLMConfig, load_config
 from mmserver.models.internvl.model import InternVLModel, load_sharded_weights
 from mmserver.models.internvl.preprocess import preprocess_image
+from mmserver.models.internvl.prompt import context_spans
 from mmserver.models.internvl.weights import load_weights
 
 from conftest import random_image
@@ -45,11 +46,18 @@ def _generate(eng: Engine, requests: list[dict]) -> list[list[int]]:
     return [tokens[r] for r in rids]
 
 
+def _image_inputs(ids: list[int], rows: list[torch.Tensor], job: dict) -> dict:
+    if not rows:
+        return {}
+    return {"image_embeds": torch.cat(rows), "image_spans": context_spans(ids, job["image_token_id"])}
+
+
 def _run_job(model: InternVLModel, job: dict) -> dict:
     """ViT features of job["tiles"], then greedy tokens of job["requests"] run together in one Engine."""
     feats = model.vision.encode(job["tiles"])
-    eng = Engine(model.llm, _engine_config(), job["image_token_id"], encode_images=model.vision.encode)
-    requests = [{"prompt_ids": ids, "pixel_values": px or None} for ids, px in job["requests"]]
+    eng = Engine(model.llm, _engine_config())
+    requests = [{"prompt_ids": ids, **_image_inputs(ids, [model.vision.encode(p).flatten(0, 1) for p in px], job)}
+                for ids, px in job["requests"]]
     return {"feats": feats, "tokens": _generate(eng, requests)}
 
 
@@ -62,10 +70,11 @@ def _run_leader_follower(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
         table = TokenTable(cfg.max_requests, cfg.max_req_len, model.device)
         return {"steps": follow(model.llm, kv.buffer, table.table, tp)}
     leader = TPLeader(model.llm, tp)
-    requests = [{"prompt_ids": ids, "image_embeds": emb} for (ids, _), emb in zip(job["requests"], job["embeds"])]
+    requests = [{"prompt_ids": ids, **_image_inputs(ids, [emb] if emb is not None else [], job)}
+                for (ids, _), emb in zip(job["requests"], job["embeds"])]
     try:
         cfg.overlap_schedule = True  # as on a GPU: the followers get the device-filled input ids
-        return {"tokens": _generate(Engine(leader, cfg, job["image_token_id"]), requests)}
+        return {"tokens": _generate(Engine(leader, cfg), requests)}
     finally:
         leader.stop()
 

@@ -1,7 +1,6 @@
 """The generation engine: requests in, one token per running request per step out.
 
-Each `step()` admits what fits (peak-KV admission), encodes the images of newly admitted
-requests, packs prefill chunks and decode tokens of every running request into one
+Each `step()` admits what fits (peak-KV admission), packs prefill chunks and decode tokens of every running request into one
 forward, samples, and retires finished requests at once (continuous batching). The same
 engine runs in-process (the pipeline) and inside the server's model worker.
 
@@ -28,7 +27,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Sequence
 
 import torch
 
@@ -53,7 +52,6 @@ class EngineConfig:
     max_requests: int = 64  # --running_max_req_size
     max_req_len: int = 8192  # --max_req_total_len: prompt + new tokens
     batch_max_tokens: int = 8192  # prompt tokens prefilled per step (chunk size)
-    vit_batch_tiles: int = 64  # tiles per ViT forward
     # Replay decode steps from CUDA graphs (CUDA devices only; MMSERVER_CUDA_GRAPHS=0 also turns them off).
     cuda_graphs: bool = True
     # Build step N+1 while the device runs step N (see the module doc). None: on for CUDA devices.
@@ -65,9 +63,9 @@ class Request:
     req_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    # Either the image embeddings ([n_image_tokens, H]) or per-image pixel tensors to encode.
+    # Image embedding rows ([n_image_tokens, H]), in prompt order; row k replaces the embedding
+    # of the prompt token at image_offsets[k].
     image_embeds: torch.Tensor | None = None
-    pixel_values: list[torch.Tensor] | None = None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     row: int = -1
@@ -110,12 +108,9 @@ class _Launched:
 
 
 class Engine:
-    def __init__(self, llm: DecoderLM, config: EngineConfig, image_token_id: int,
-                 encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, llm: DecoderLM, config: EngineConfig):
         self.llm = llm
         self.config = config
-        self.image_token_id = image_token_id
-        self.encode_images = encode_images
         self.device = llm.device
         self.kv = KVPool(llm.kv_shape(config.max_total_tokens), llm.dtype, llm.device)
         self.table = TokenTable(config.max_requests, config.max_req_len, llm.device)
@@ -143,7 +138,10 @@ class Engine:
     # Public API
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, image_embeds: torch.Tensor | None = None,
-                    pixel_values: list[torch.Tensor] | None = None, req_id: int | None = None) -> int:
+                    image_spans: Sequence[tuple[int, int]] = (), req_id: int | None = None) -> int:
+        """Queue a request. `image_spans` are the (start, length) prompt ranges whose embeddings
+        are replaced by `image_embeds` rows, in order (the model family's prompt expansion says
+        where its images are; the engine never looks at token ids for that)."""
         params.validate()
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -154,16 +152,12 @@ class Engine:
                                f"exceeds max_req_total_len {self.config.max_req_len}")
         if total > self.config.max_total_tokens:
             raise RequestError(f"request needs {total} KV slots but the pool has {self.config.max_total_tokens}")
-        offsets = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
-        n_rows = image_embeds.shape[0] if image_embeds is not None else None
-        if pixel_values is not None and self.encode_images is None:
-            raise RequestError("this engine has no vision encoder")
-        if pixel_values is None and n_rows is None and offsets:
-            raise RequestError(f"prompt has {len(offsets)} image tokens but no images were given")
-        if n_rows is not None and n_rows != len(offsets):
+        offsets = _span_offsets(image_spans, n_prompt)
+        n_rows = image_embeds.shape[0] if image_embeds is not None else 0
+        if n_rows != len(offsets):
             raise RequestError(f"prompt has {len(offsets)} image tokens but {n_rows} image embedding rows were given")
         rid = next(self._ids) if req_id is None else req_id
-        req = Request(rid, list(prompt_ids), params, image_embeds=image_embeds, pixel_values=pixel_values,
+        req = Request(rid, list(prompt_ids), params, image_embeds=image_embeds if n_rows else None,
                       generator=make_generator(params.seed, self.device), image_offsets=offsets)
         self.requests[rid] = req
         self.waiting.append(req)
@@ -259,7 +253,6 @@ class Engine:
     # Scheduling
 
     def _admit(self) -> None:
-        admitted: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_requests and self.table.free_rows:
             cand = self.waiting[0]
             if not fits([r.footprint for r in self.running], cand.footprint, self.config.max_total_tokens):
@@ -267,23 +260,6 @@ class Engine:
             self.waiting.popleft()
             cand.row = self.table.alloc_row()
             self.running.append(cand)
-            admitted.append(cand)
-        self._encode_pending([r for r in admitted if r.pixel_values is not None])
-
-    def _encode_pending(self, reqs: list[Request]) -> None:
-        if not reqs:
-            return
-        tiles = torch.cat([t for r in reqs for t in r.pixel_values], dim=0)
-        feats = torch.cat([self.encode_images(tiles[i:i + self.config.vit_batch_tiles])
-                           for i in range(0, tiles.shape[0], self.config.vit_batch_tiles)])
-        feats = feats.reshape(-1, feats.shape[-1])
-        start = 0
-        for r in reqs:
-            n = len(r.image_offsets)
-            r.image_embeds, r.pixel_values = feats[start:start + n], None
-            start += n
-        if start != feats.shape[0]:
-            raise RequestError(f"images produced {feats.shape[0]} embedding rows but prompts hold {start} image tokens")
 
     def _length_reached(self, r: Request, generated: int) -> bool:
         """`generated` tokens end `r` by length: max_new_tokens or max_req_len."""
@@ -476,5 +452,18 @@ class Engine:
             r.row = -1
         if r in self.running:
             self.running.remove(r)
-        r.image_embeds = r.pixel_values = None
+        r.image_embeds = None
         self.requests.pop(r.req_id, None)
+
+
+def _span_offsets(spans: Sequence[tuple[int, int]], n_prompt: int) -> list[int]:
+    """Every prompt position covered by `spans`, checked to be in order, disjoint and in the prompt."""
+    offsets: list[int] = []
+    end = 0
+    for start, length in spans:
+        if start < end or length <= 0 or start + length > n_prompt:
+            raise RequestError(f"image span ({start}, {length}) is out of order, empty or past the prompt "
+                               f"({n_prompt} tokens)")
+        offsets.extend(range(start, start + length))
+        end = start + length
+    return offsets

@@ -19,7 +19,7 @@ from ..embed_cache import shm
 from ..embed_cache.service import CacheClient
 from ..models.internvl.config import InternVLConfig
 from ..models.internvl.preprocess import num_tiles
-from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids
+from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids, context_spans
 from ..ipc import ImageRef
 from . import embeds as embeds_io
 from . import images as image_io
@@ -129,6 +129,10 @@ class Intake:
                                    self.special)
         except PromptError as e:
             raise BadRequest(str(e)) from None
+
+    def image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """Where each image's embedding rows go in the prompt."""
+        return context_spans(ids, self.special.img_context)
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         total = n_prompt + max_new_tokens

@@ -97,7 +97,7 @@ async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = 
         _fit_max_new_tokens(req.params, len(ids), state.intake.limits.max_req_len)
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     refs = await state.intake.take_cache_refs(images)
-    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs,
+    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs, state.intake.image_spans(ids),
                          t_arrival=arrival if arrival is not None else time.monotonic())
     return serve, refs
 

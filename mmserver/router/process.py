@@ -58,7 +58,8 @@ class Router:
             return
         try:
             embeds = self._read_embeddings(req)
-            self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, req_id=req.req_id)
+            self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, image_spans=req.image_spans,
+                                    req_id=req.req_id)
             self.prompt_tokens += len(req.input_ids)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
@@ -126,13 +127,13 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
 
 
 def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
-               image_token_id: int, init_method: str = "") -> None:
+               init_method: str = "") -> None:
     """Process entry (tp rank 0): load the LLM, size the KV pool, report ready, then loop forever."""
     from ..engine.tp import TPLeader
 
     cfg, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
     model = TPLeader(llm, tp) if tp.size > 1 else llm
-    engine = Engine(model, engine_cfg, image_token_id=image_token_id)
+    engine = Engine(model, engine_cfg)
     router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:

@@ -127,3 +127,17 @@ def build_input_ids(tokenizer, prompt: str, tiles_per_image: Sequence[int], toke
     if image != len(tiles_per_image):  # a placeholder glued to other text tokenized differently
         raise PromptError(f"found {image} image placeholder(s) after tokenization, expected {len(tiles_per_image)}")
     return out
+
+
+def context_spans(ids: Sequence[int], context_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each run of `context_id` in `ids`: one run per image, since every
+    image's context tokens sit between its own `<img>` and `</img>`."""
+    spans: list[tuple[int, int]] = []
+    for i, tok in enumerate(ids):
+        if tok != context_id:
+            continue
+        if spans and spans[-1][0] + spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
+        else:
+            spans.append((i, 1))
+    return spans
