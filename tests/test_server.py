@@ -245,6 +245,11 @@ BAD = ["invalid_json", "missing_inputs", "unknown_parameter", "out_of_range", "w
        "image_without_placeholder", "prompt_too_long", "file_outside_allowed_dir"]
 
 
+def test_every_bad_case_is_run(image_factory_m, silent_url):
+    """BAD names the parametrized cases; a case added to `_bad_cases` alone would never run."""
+    assert sorted(BAD) == sorted(_bad_cases(image_factory_m, silent_url))
+
+
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input(server, image_factory_m, silent_url, name):
     body, status, message = _bad_cases(image_factory_m, silent_url)[name]
