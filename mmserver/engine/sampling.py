@@ -26,6 +26,16 @@ The returned log-probability is that of the chosen token under the model's
 *raw* distribution, ``log_softmax`` of the unmodified logits (vLLM's default
 "raw logprobs"), so penalties, temperature and truncation do not change it.
 
+**top_logprobs** (``SamplingParams.top_logprobs``, 0-20 as in OpenAI's API): the
+row's K most likely tokens under that same raw ``log_softmax``, sorted by
+descending logprob (equal logits: lower id first), returned by ``Sampler.sample``
+as ``top_ids``/``top_logprobs`` of shape ``[B, K]`` with K the largest request in
+the batch. Row ``i`` owns its first ``params[i].top_logprobs`` columns; the rest
+are padding (id -1, logprob -inf). They are the model's alternatives, not the
+sampler's: a greedy row with nothing that changes its logits (no penalty
+or stop mask) has its chosen token first, with exactly the chosen
+token's logprob. Nothing is computed when no row asks.
+
 A batch that is all greedy with neutral penalties and nothing to mask takes a
 fast path: one ``argmax`` and one ``log_softmax`` gather. Penalties work on the
 penalised rows only; pass ``prompt_ids`` as tensors already on the logits'
@@ -40,10 +50,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "Sampler", "make_generator"]
+__all__ = ["SamplingParams", "SampleResult", "Sampler", "make_generator", "MAX_TOP_LOGPROBS"]
 
 _MAX_STOP_SEQUENCES = 16
 _MAX_SEED = 2**63
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass
@@ -62,6 +73,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)  # EOS ids, set by the engine
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, 0-20
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field and its allowed range."""
@@ -89,6 +101,8 @@ class SamplingParams:
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            _bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
 
     def _validate_stop_sequences(self) -> None:
         stops = self.stop_sequences
@@ -133,6 +147,16 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+@dataclass
+class SampleResult:
+    """One step's samples, all on the logits' device."""
+
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor  # [B] float32, raw logprob of each chosen token
+    top_ids: Tensor | None = None  # [B, K] int64 (padding -1), None when no row asked
+    top_logprobs: Tensor | None = None  # [B, K] float32 (padding -inf)
+
+
 class Sampler:
     """Batched sampler; see the module docstring for the exact semantics."""
 
@@ -145,7 +169,21 @@ class Sampler:
         generators: list[torch.Generator | None],
         num_outputs: list[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``.
+        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``;
+        ``sample`` also returns the top_logprobs alternatives."""
+        result = self.sample(logits, params, prompt_ids, output_ids, generators, num_outputs)
+        return result.token_ids, result.logprobs
+
+    def sample(
+        self,
+        logits: Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[Tensor | list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        num_outputs: list[int] | None = None,
+    ) -> SampleResult:
+        """Sample one token per row of ``logits [B, V]``.
 
         ``num_outputs`` counts each row's generated tokens for min_new_tokens when some are
         not in ``output_ids`` yet (the engine's overlap schedule; rows with penalties must
@@ -171,8 +209,30 @@ class Sampler:
                                  [generators[i] for i in sample_rows])
                 tokens[rows] = picked
 
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens, logprobs
+        raw = torch.log_softmax(logits, dim=-1)
+        result = SampleResult(tokens, raw.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        k = min(max(p.top_logprobs for p in params), logits.shape[1]) if batch else 0
+        if k > 0:
+            result.top_ids, result.top_logprobs = _top_alternatives(logits, raw, params, k)
+        return result
+
+
+def _top_alternatives(logits: Tensor, raw: Tensor, params: list[SamplingParams], k: int) -> tuple[Tensor, Tensor]:
+    """``[B, k]`` most likely ids and their raw logprobs, best first; equal logits: lower id first
+    (as ``argmax``), so a plain greedy row's choice is its first alternative. Ranked by the
+    logits rather than ``raw`` so that rounding in ``log_softmax`` cannot reorder them."""
+    values, ids = logits.topk(k, dim=-1)
+    ids, by_id = ids.sort(dim=-1)
+    order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    top = raw.gather(1, ids)
+    wanted = [p.top_logprobs for p in params]
+    if min(wanted) < k:  # rows that asked for fewer: pad their extra columns
+        want = _on_device(wanted, logits.device).unsqueeze(1)
+        pad = torch.arange(k, device=logits.device).unsqueeze(0) >= want
+        ids = ids.masked_fill(pad, -1)
+        top = top.masked_fill(pad, float("-inf"))
+    return ids, top
 
 
 def _on_device(values: Sequence | Tensor, device: torch.device) -> Tensor:
