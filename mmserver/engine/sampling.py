@@ -7,13 +7,17 @@ Semantics (applied in this order, per row of the ``[B, V]`` logits):
    Each id is penalised once, however often it occurs.
 2. **presence_penalty / frequency_penalty** (OpenAI / vLLM), output tokens only:
    ``logit -= presence * [count > 0] + frequency * count``.
-3. **min_new_tokens**: while ``len(output) < min_new_tokens`` the
+3. **grammar** (rows given a ``GrammarState``, see below): every token the
+   grammar does not allow next gets ``-inf``.
+4. **min_new_tokens**: while ``len(output) < min_new_tokens`` the
    ``stop_token_ids`` get ``-inf`` so the model cannot end early. With
    ``ignore_eos`` they are never masked (``ignore_eos`` only means the engine does
-   not stop on them).
-4. **greedy rows** (``SamplingParams.is_greedy``): ``argmax`` of the penalised
+   not stop on them). On a grammar row where that would leave no token at all
+   (the grammar allows only a stop token), the grammar wins and the stop mask is
+   undone for that row.
+5. **greedy rows** (``SamplingParams.is_greedy``): ``argmax`` of the penalised
    logits (``torch.argmax``: ties go to the lowest id).
-5. **sampling rows**: ``logits / temperature``, then top-k (keep the k largest;
+6. **sampling rows**: ``logits / temperature``, then top-k (keep the k largest;
    ``top_k`` of -1 or 0 is off), then top-p (keep the smallest prefix of the
    sorted distribution whose cumulative probability is ``>= top_p``, always at
    least the top token), then one draw from the softmax using the
@@ -24,7 +28,8 @@ Semantics (applied in this order, per row of the ``[B, V]`` logits):
 
 The returned log-probability is that of the chosen token under the model's
 *raw* distribution, ``log_softmax`` of the unmodified logits (vLLM's default
-"raw logprobs"), so penalties, temperature and truncation do not change it.
+"raw logprobs"), so penalties, grammar masks, temperature and truncation do
+not change it.
 
 **top_logprobs** (``SamplingParams.top_logprobs``, 0-20 as in OpenAI's API): the
 row's K most likely tokens under that same raw ``log_softmax``, sorted by
@@ -32,9 +37,19 @@ descending logprob (equal logits: lower id first), returned by ``Sampler.sample`
 as ``top_ids``/``top_logprobs`` of shape ``[B, K]`` with K the largest request in
 the batch. Row ``i`` owns its first ``params[i].top_logprobs`` columns; the rest
 are padding (id -1, logprob -inf). They are the model's alternatives, not the
-sampler's: a greedy row with nothing that changes its logits (no penalty
-or stop mask) has its chosen token first, with exactly the chosen
+sampler's: a greedy row with nothing that changes its logits (no penalty,
+grammar or stop mask) has its chosen token first, with exactly the chosen
 token's logprob. Nothing is computed when no row asks.
+
+**Grammars** (structured outputs, ``mmserver.structured``): ``grammars[i]`` is
+row ``i``'s ``GrammarState`` or None. The sampler only *reads* a state (fills its
+mask); it never advances it. The caller accepts each sampled token into its
+row's state (``state.accept(token)``, in order, once the token is on the host)
+before sampling that row again, and finishes the request once
+``state.is_terminated()`` (it accepted a stop token). Hence a row with a grammar
+needs its previous token on the host before it is sampled, like a penalised row:
+``SamplingParams.needs_host_tokens``. Rows without a grammar pay nothing, and a
+batch without any never touches xgrammar.
 
 A batch that is all greedy with neutral penalties and nothing to mask takes a
 fast path: one ``argmax`` and one ``log_softmax`` gather. Penalties work on the
@@ -45,10 +60,13 @@ device where possible (long Python lists cost a host conversion every step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # xgrammar is imported only by batches that have a grammar
+    from mmserver.structured import GrammarState, TokenBitmask
 
 __all__ = ["SamplingParams", "SampleResult", "Sampler", "make_generator", "MAX_TOP_LOGPROBS"]
 
@@ -74,9 +92,15 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # EOS ids, set by the engine
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, 0-20
+    # A constraint spec (OpenAI response_format or vLLM structured_outputs, see
+    # mmserver.structured.spec); None: unconstrained.
+    structured: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field and its allowed range."""
+        """Raise ``ValueError`` naming the offending field and its allowed range.
+
+        An invalid ``structured`` spec raises ``mmserver.structured.StructuredOutputError`` (a
+        ``ValueError``) saying what is wrong with the schema, regex or grammar."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             _bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
         if not _is_number(self.temperature) or not self.temperature >= 0:
@@ -103,6 +127,10 @@ class SamplingParams:
             _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             _bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.structured is not None:
+            from mmserver.structured import build_grammar, parse_spec
+
+            build_grammar(parse_spec(self.structured))  # cached: the engine's compile reuses it
 
     def _validate_stop_sequences(self) -> None:
         stops = self.stop_sequences
@@ -123,6 +151,12 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """The row's previous token must be on the host before it is sampled: penalties count
+        the output ids, and a grammar's mask depends on every token accepted so far."""
+        return self.has_penalties or self.structured is not None
 
 
 def _is_int(value: object) -> bool:
@@ -160,6 +194,9 @@ class SampleResult:
 class Sampler:
     """Batched sampler; see the module docstring for the exact semantics."""
 
+    def __init__(self) -> None:
+        self._bitmask: TokenBitmask | None = None  # created by the first batch with a grammar
+
     def __call__(
         self,
         logits: Tensor,
@@ -168,10 +205,11 @@ class Sampler:
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
         num_outputs: list[int] | None = None,
+        grammars: Sequence[GrammarState | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``;
         ``sample`` also returns the top_logprobs alternatives."""
-        result = self.sample(logits, params, prompt_ids, output_ids, generators, num_outputs)
+        result = self.sample(logits, params, prompt_ids, output_ids, generators, num_outputs, grammars)
         return result.token_ids, result.logprobs
 
     def sample(
@@ -182,25 +220,36 @@ class Sampler:
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
         num_outputs: list[int] | None = None,
+        grammars: Sequence[GrammarState | None] | None = None,
     ) -> SampleResult:
         """Sample one token per row of ``logits [B, V]``.
 
         ``num_outputs`` counts each row's generated tokens for min_new_tokens when some are
         not in ``output_ids`` yet (the engine's overlap schedule; rows with penalties must
-        have them all there). Default: ``len(output_ids[i])``."""
+        have them all there). Default: ``len(output_ids[i])``.
+
+        ``grammars``: one ``GrammarState`` or None per row (None for the whole argument: no
+        grammars). Each state must already have accepted all of its row's earlier tokens; the
+        caller accepts the token returned here (see the module docstring)."""
         batch = logits.shape[0]
         if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch:
             raise ValueError("params, prompt_ids, output_ids and generators need one entry per row")
+        if grammars is not None and len(grammars) != batch:
+            raise ValueError("grammars needs one entry (a GrammarState or None) per row")
+        has_grammar = grammars is not None and any(g is not None for g in grammars)
         logits = logits.float()
         counts = num_outputs if num_outputs is not None else [len(ids) for ids in output_ids]
         min_token_rows = [i for i, p in enumerate(params) if _needs_min_token_mask(p, counts[i])]
-        if not min_token_rows and all(p.is_greedy and not p.has_penalties for p in params):
+        if not min_token_rows and not has_grammar and all(p.is_greedy and not p.has_penalties for p in params):
             tokens = logits.argmax(dim=-1)  # fast path: plain greedy
         else:
             processed = logits.clone()
             _apply_repetition_penalty(processed, params, prompt_ids, output_ids)
             _apply_presence_frequency(processed, params, output_ids)
-            _mask_stop_tokens(processed, params, min_token_rows)
+            if has_grammar:
+                self._apply_grammars(processed, grammars, params, min_token_rows)
+            else:
+                _mask_stop_tokens(processed, params, min_token_rows)
             tokens = processed.argmax(dim=-1)
             sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
             if sample_rows:
@@ -215,6 +264,31 @@ class Sampler:
         if k > 0:
             result.top_ids, result.top_logprobs = _top_alternatives(logits, raw, params, k)
         return result
+
+    def _apply_grammars(
+        self,
+        logits: Tensor,
+        grammars: Sequence[GrammarState | None],
+        params: list[SamplingParams],
+        min_token_rows: list[int],
+    ) -> None:
+        """Grammar masks, then the min_new_tokens stop mask, which a grammar row loses where
+        the two together would leave it no token at all."""
+        if self._bitmask is None:
+            from mmserver.structured import TokenBitmask
+
+            self._bitmask = TokenBitmask()
+        self._bitmask.apply(logits, grammars)
+        both = [i for i in min_token_rows if grammars[i] is not None]
+        if not both:
+            _mask_stop_tokens(logits, params, min_token_rows)
+            return
+        rows = _on_device(both, logits.device)
+        saved = logits[rows]  # a copy: advanced indexing
+        _mask_stop_tokens(logits, params, min_token_rows)
+        masked = logits[rows]
+        dead = torch.isneginf(masked).all(dim=-1, keepdim=True)  # on the device: no sync
+        logits[rows] = torch.where(dead, saved, masked)
 
 
 def _top_alternatives(logits: Tensor, raw: Tensor, params: list[SamplingParams], k: int) -> tuple[Tensor, Tensor]:
