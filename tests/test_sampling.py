@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmserver.engine.sampling import Sampler, SamplingParams, make_generator
+from mmserver.engine.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams, make_generator
 
 V = 50
 EOS = 7
@@ -270,6 +270,74 @@ def test_make_generator():
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 
 
+# --- top_logprobs ---------------------------------------------------------------------
+
+
+def _sample(logits, params, generators=None, **kw):
+    batch = logits.shape[0]
+    generators = generators if generators is not None else [None] * batch
+    return Sampler().sample(logits, params, [[] for _ in range(batch)], [[] for _ in range(batch)], generators, **kw)
+
+
+def test_no_top_logprobs_computes_nothing():
+    result = _sample(_logits(3), [SamplingParams() for _ in range(3)])
+    assert result.top_ids is None and result.top_logprobs is None
+
+
+def test_top_logprobs_are_sorted_raw_log_softmax():
+    logits = _logits(4, seed=9)
+    params = [SamplingParams(top_logprobs=5), SamplingParams(do_sample=True, top_logprobs=5, seed=1),
+              SamplingParams(repetition_penalty=1.5, top_logprobs=5), SamplingParams(top_logprobs=5)]
+    gens = [make_generator(p.seed, "cpu") for p in params]
+    result = _sample(logits, params, gens)
+    assert result.top_ids.shape == result.top_logprobs.shape == (4, 5)
+    assert result.top_ids.dtype == torch.int64 and result.top_logprobs.dtype == torch.float32
+    raw = torch.log_softmax(logits, -1)
+    ref_values, ref_ids = raw.topk(5, dim=-1)
+    assert torch.equal(result.top_ids, ref_ids)
+    assert torch.equal(result.top_logprobs, ref_values)
+    # The values are exactly the raw logprobs of those ids, best first.
+    assert torch.equal(result.top_logprobs, raw.gather(1, result.top_ids))
+    assert (result.top_logprobs[:, :-1] >= result.top_logprobs[:, 1:]).all()
+
+
+def test_greedy_choice_is_first_alternative_with_the_same_logprob():
+    logits = _logits(6, seed=10)
+    logits[2, [4, 11]] = logits[2].max() + 1  # a tie: argmax takes the lower id, so must the list
+    result = _sample(logits, [SamplingParams(top_logprobs=3) for _ in range(6)])
+    assert torch.equal(result.top_ids[:, 0], result.token_ids)
+    assert torch.equal(result.top_logprobs[:, 0], result.logprobs)  # exactly, not approximately
+    assert result.top_ids[2, :2].tolist() == [4, 11]
+
+
+def test_k_is_the_batch_maximum_and_other_rows_are_padding():
+    logits = _logits(3, seed=11)
+    params = [SamplingParams(top_logprobs=2), SamplingParams(), SamplingParams(top_logprobs=MAX_TOP_LOGPROBS)]
+    result = _sample(logits, params)
+    assert result.top_ids.shape == (3, MAX_TOP_LOGPROBS)
+    raw = torch.log_softmax(logits, -1)
+    for i, p in enumerate(params):
+        k = p.top_logprobs
+        assert torch.equal(result.top_ids[i, :k], raw[i].topk(k).indices) if k else True
+        assert (result.top_ids[i, k:] == -1).all()
+        assert torch.isneginf(result.top_logprobs[i, k:]).all()
+
+
+def test_top_logprobs_leave_the_tokens_alone():
+    logits = _logits(4, seed=12)
+    params = [SamplingParams(do_sample=True, seed=i, top_p=0.9) for i in range(4)]
+    asked = [SamplingParams(do_sample=True, seed=i, top_p=0.9, top_logprobs=i * 3) for i in range(4)]
+    plain = _sample(logits, params, [make_generator(i, "cpu") for i in range(4)])
+    with_top = _sample(logits, asked, [make_generator(i, "cpu") for i in range(4)])
+    assert torch.equal(plain.token_ids, with_top.token_ids)
+    assert torch.equal(plain.logprobs, with_top.logprobs)
+
+
+def test_call_still_returns_a_pair():
+    tokens, logprobs = _run(_logits(2), [SamplingParams(top_logprobs=3)] * 2)
+    assert tokens.shape == logprobs.shape == (2,)
+
+
 # --- validation ---------------------------------------------------------------------
 
 
@@ -299,6 +367,11 @@ def test_defaults_are_valid():
         ("stop_sequences", ["x"] * 17),
         ("seed", -1),
         ("seed", 2**63),
+        ("top_logprobs", 21),
+        ("top_logprobs", -1),
+        ("top_logprobs", 2.0),
+        ("top_logprobs", True),
+        ("top_logprobs", "3"),
     ],
 )
 def test_validate_names_the_field(field, value):
@@ -319,6 +392,8 @@ def test_validate_names_the_field(field, value):
         {"stop_sequences": ["a"] * 16},
         {"seed": 0},
         {"seed": 2**63 - 1},
+        {"top_logprobs": 0},
+        {"top_logprobs": 20},
     ],
 )
 def test_validate_accepts_edges(kwargs):

@@ -7,13 +7,17 @@ Semantics (applied in this order, per row of the ``[B, V]`` logits):
    Each id is penalised once, however often it occurs.
 2. **presence_penalty / frequency_penalty** (OpenAI / vLLM), output tokens only:
    ``logit -= presence * [count > 0] + frequency * count``.
-3. **min_new_tokens**: while ``len(output) < min_new_tokens`` the
+3. **grammar** (rows given a ``GrammarState``, see below): every token the
+   grammar does not allow next gets ``-inf``.
+4. **min_new_tokens**: while ``len(output) < min_new_tokens`` the
    ``stop_token_ids`` get ``-inf`` so the model cannot end early. With
    ``ignore_eos`` they are never masked (``ignore_eos`` only means the engine does
-   not stop on them).
-4. **greedy rows** (``SamplingParams.is_greedy``): ``argmax`` of the penalised
+   not stop on them). On a grammar row where that would leave no token at all
+   (the grammar allows only a stop token), the grammar wins and the stop mask is
+   undone for that row.
+5. **greedy rows** (``SamplingParams.is_greedy``): ``argmax`` of the penalised
    logits (``torch.argmax``: ties go to the lowest id).
-5. **sampling rows**: ``logits / temperature``, then top-k (keep the k largest;
+6. **sampling rows**: ``logits / temperature``, then top-k (keep the k largest;
    ``top_k`` of -1 or 0 is off), then top-p (keep the smallest prefix of the
    sorted distribution whose cumulative probability is ``>= top_p``, always at
    least the top token), then one draw from the softmax using the
@@ -24,7 +28,28 @@ Semantics (applied in this order, per row of the ``[B, V]`` logits):
 
 The returned log-probability is that of the chosen token under the model's
 *raw* distribution, ``log_softmax`` of the unmodified logits (vLLM's default
-"raw logprobs"), so penalties, temperature and truncation do not change it.
+"raw logprobs"), so penalties, grammar masks, temperature and truncation do
+not change it.
+
+**top_logprobs** (``SamplingParams.top_logprobs``, 0-20 as in OpenAI's API): the
+row's K most likely tokens under that same raw ``log_softmax``, sorted by
+descending logprob (equal logits: lower id first), returned by ``Sampler.sample``
+as ``top_ids``/``top_logprobs`` of shape ``[B, K]`` with K the largest request in
+the batch. Row ``i`` owns its first ``params[i].top_logprobs`` columns; the rest
+are padding (id -1, logprob -inf). They are the model's alternatives, not the
+sampler's: a greedy row with nothing that changes its logits (no penalty,
+grammar or stop mask) has its chosen token first, with exactly the chosen
+token's logprob. Nothing is computed when no row asks.
+
+**Grammars** (structured outputs, ``mmserver.structured``): ``grammars[i]`` is
+row ``i``'s ``GrammarState`` or None. The sampler only *reads* a state (fills its
+mask); it never advances it. The caller accepts each sampled token into its
+row's state (``state.accept(token)``, in order, once the token is on the host)
+before sampling that row again, and finishes the request once
+``state.is_terminated()`` (it accepted a stop token). Hence a row with a grammar
+needs its previous token on the host before it is sampled, like a penalised row:
+``SamplingParams.needs_host_tokens``. Rows without a grammar pay nothing, and a
+batch without any never touches xgrammar.
 
 A batch that is all greedy with neutral penalties and nothing to mask takes a
 fast path: one ``argmax`` and one ``log_softmax`` gather. Penalties work on the
@@ -35,15 +60,19 @@ device where possible (long Python lists cost a host conversion every step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "Sampler", "make_generator"]
+if TYPE_CHECKING:  # xgrammar is imported only by batches that have a grammar
+    from mmserver.structured import GrammarState, TokenBitmask
+
+__all__ = ["SamplingParams", "SampleResult", "Sampler", "make_generator", "MAX_TOP_LOGPROBS"]
 
 _MAX_STOP_SEQUENCES = 16
 _MAX_SEED = 2**63
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass
@@ -62,9 +91,16 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)  # EOS ids, set by the engine
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, 0-20
+    # A constraint spec (OpenAI response_format or vLLM structured_outputs, see
+    # mmserver.structured.spec); None: unconstrained.
+    structured: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field and its allowed range."""
+        """Raise ``ValueError`` naming the offending field and its allowed range.
+
+        An invalid ``structured`` spec raises ``mmserver.structured.StructuredOutputError`` (a
+        ``ValueError``) saying what is wrong with the schema, regex or grammar."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             _bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
         if not _is_number(self.temperature) or not self.temperature >= 0:
@@ -89,6 +125,12 @@ class SamplingParams:
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             _bad("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            _bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.structured is not None:
+            from mmserver.structured import build_grammar, parse_spec
+
+            build_grammar(parse_spec(self.structured))  # cached: the engine's compile reuses it
 
     def _validate_stop_sequences(self) -> None:
         stops = self.stop_sequences
@@ -109,6 +151,12 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """The row's previous token must be on the host before it is sampled: penalties count
+        the output ids, and a grammar's mask depends on every token accepted so far."""
+        return self.has_penalties or self.structured is not None
 
 
 def _is_int(value: object) -> bool:
@@ -133,8 +181,21 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+@dataclass
+class SampleResult:
+    """One step's samples, all on the logits' device."""
+
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor  # [B] float32, raw logprob of each chosen token
+    top_ids: Tensor | None = None  # [B, K] int64 (padding -1), None when no row asked
+    top_logprobs: Tensor | None = None  # [B, K] float32 (padding -inf)
+
+
 class Sampler:
     """Batched sampler; see the module docstring for the exact semantics."""
+
+    def __init__(self) -> None:
+        self._bitmask: TokenBitmask | None = None  # created by the first batch with a grammar
 
     def __call__(
         self,
@@ -144,25 +205,51 @@ class Sampler:
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
         num_outputs: list[int] | None = None,
+        grammars: Sequence[GrammarState | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``.
+        """Return ``(token_ids [B] int64, raw logprob of each chosen token [B] float32)``;
+        ``sample`` also returns the top_logprobs alternatives."""
+        result = self.sample(logits, params, prompt_ids, output_ids, generators, num_outputs, grammars)
+        return result.token_ids, result.logprobs
+
+    def sample(
+        self,
+        logits: Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[Tensor | list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        num_outputs: list[int] | None = None,
+        grammars: Sequence[GrammarState | None] | None = None,
+    ) -> SampleResult:
+        """Sample one token per row of ``logits [B, V]``.
 
         ``num_outputs`` counts each row's generated tokens for min_new_tokens when some are
         not in ``output_ids`` yet (the engine's overlap schedule; rows with penalties must
-        have them all there). Default: ``len(output_ids[i])``."""
+        have them all there). Default: ``len(output_ids[i])``.
+
+        ``grammars``: one ``GrammarState`` or None per row (None for the whole argument: no
+        grammars). Each state must already have accepted all of its row's earlier tokens; the
+        caller accepts the token returned here (see the module docstring)."""
         batch = logits.shape[0]
         if not len(params) == len(prompt_ids) == len(output_ids) == len(generators) == batch:
             raise ValueError("params, prompt_ids, output_ids and generators need one entry per row")
+        if grammars is not None and len(grammars) != batch:
+            raise ValueError("grammars needs one entry (a GrammarState or None) per row")
+        has_grammar = grammars is not None and any(g is not None for g in grammars)
         logits = logits.float()
         counts = num_outputs if num_outputs is not None else [len(ids) for ids in output_ids]
         min_token_rows = [i for i, p in enumerate(params) if _needs_min_token_mask(p, counts[i])]
-        if not min_token_rows and all(p.is_greedy and not p.has_penalties for p in params):
+        if not min_token_rows and not has_grammar and all(p.is_greedy and not p.has_penalties for p in params):
             tokens = logits.argmax(dim=-1)  # fast path: plain greedy
         else:
             processed = logits.clone()
             _apply_repetition_penalty(processed, params, prompt_ids, output_ids)
             _apply_presence_frequency(processed, params, output_ids)
-            _mask_stop_tokens(processed, params, min_token_rows)
+            if has_grammar:
+                self._apply_grammars(processed, grammars, params, min_token_rows)
+            else:
+                _mask_stop_tokens(processed, params, min_token_rows)
             tokens = processed.argmax(dim=-1)
             sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
             if sample_rows:
@@ -171,8 +258,55 @@ class Sampler:
                                  [generators[i] for i in sample_rows])
                 tokens[rows] = picked
 
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens, logprobs
+        raw = torch.log_softmax(logits, dim=-1)
+        result = SampleResult(tokens, raw.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        k = min(max(p.top_logprobs for p in params), logits.shape[1]) if batch else 0
+        if k > 0:
+            result.top_ids, result.top_logprobs = _top_alternatives(logits, raw, params, k)
+        return result
+
+    def _apply_grammars(
+        self,
+        logits: Tensor,
+        grammars: Sequence[GrammarState | None],
+        params: list[SamplingParams],
+        min_token_rows: list[int],
+    ) -> None:
+        """Grammar masks, then the min_new_tokens stop mask, which a grammar row loses where
+        the two together would leave it no token at all."""
+        if self._bitmask is None:
+            from mmserver.structured import TokenBitmask
+
+            self._bitmask = TokenBitmask()
+        self._bitmask.apply(logits, grammars)
+        both = [i for i in min_token_rows if grammars[i] is not None]
+        if not both:
+            _mask_stop_tokens(logits, params, min_token_rows)
+            return
+        rows = _on_device(both, logits.device)
+        saved = logits[rows]  # a copy: advanced indexing
+        _mask_stop_tokens(logits, params, min_token_rows)
+        masked = logits[rows]
+        dead = torch.isneginf(masked).all(dim=-1, keepdim=True)  # on the device: no sync
+        logits[rows] = torch.where(dead, saved, masked)
+
+
+def _top_alternatives(logits: Tensor, raw: Tensor, params: list[SamplingParams], k: int) -> tuple[Tensor, Tensor]:
+    """``[B, k]`` most likely ids and their raw logprobs, best first; equal logits: lower id first
+    (as ``argmax``), so a plain greedy row's choice is its first alternative. Ranked by the
+    logits rather than ``raw`` so that rounding in ``log_softmax`` cannot reorder them."""
+    values, ids = logits.topk(k, dim=-1)
+    ids, by_id = ids.sort(dim=-1)
+    order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    top = raw.gather(1, ids)
+    wanted = [p.top_logprobs for p in params]
+    if min(wanted) < k:  # rows that asked for fewer: pad their extra columns
+        want = _on_device(wanted, logits.device).unsqueeze(1)
+        pad = torch.arange(k, device=logits.device).unsqueeze(0) >= want
+        ids = ids.masked_fill(pad, -1)
+        top = top.masked_fill(pad, float("-inf"))
+    return ids, top
 
 
 def _on_device(values: Sequence | Tensor, device: torch.device) -> Tensor:
