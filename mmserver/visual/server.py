@@ -1,67 +1,79 @@
 """The visual server: batches the images of incoming requests onto ViT worker groups,
 records their embeddings in the cache, and forwards each request to the router once all
 its images are encoded. An image already being encoded for another request is not
-encoded twice."""
+encoded twice.
+
+Aborts come on the pipe that brought the requests, after them. A request still waiting
+here is dropped (with its images' jobs, when no other request waits for them and no
+worker has them yet); any other is forwarded or already ended, so the abort follows it to
+the router.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from typing import Callable, Protocol
 
-from ..embed_cache.service import CacheClient
-from ..ipc import ImageRef, ServeRequest
+from ..ipc import Abort, Failure, FromVisual, ImageRef, ServeRequest, Submit, ToRouter, ToVisual, VisualStats
 from .workers import BatchResult
 
 log = logging.getLogger("mmserver.visual")
 
 STATS_INTERVAL_S = 0.2
-MAX_REMEMBERED_ABORTS = 10000
 MAX_REMEMBERED_DONE = 100000
 
 
-@dataclass
-class VitStats:
-    batches: int = 0
-    images: int = 0
-    tiles: int = 0
-    preprocess_s: float = 0.0
-    encode_s: float = 0.0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-    forwarded: int = 0  # requests sent on to the router
-    forward_wait_s: float = 0.0  # their time here, arrival to forward
+class Worker(Protocol):
+    """A ViT worker group as the server sees it (workers.LocalWorker, workers.RemoteWorker)."""
+
+    conn: Connection  # readable when a batch result is ready
+    busy: bool
+
+    def prefetch(self, ref: ImageRef) -> None: ...
+    def forget(self, record_id: int) -> None: ...
+    def dispatch(self, refs: list[ImageRef]) -> None: ...
+    def poll(self) -> BatchResult | None: ...
+
+
+class Cache(Protocol):
+    def mark_embedding(self, ids: list[int]) -> None: ...
 
 
 class VisualServer:
-    def __init__(self, workers: list, cache: CacheClient, to_router: Connection, batch_size: int):
+    def __init__(self, workers: list[Worker], cache: Cache, to_router: Callable[[ToRouter], None],
+                 to_http: Callable[[FromVisual], None], batch_size: int):
         self.workers = workers
         self.cache = cache
         self.to_router = to_router
+        self.to_http = to_http
         self.batch_size = batch_size
-        self.jobs: deque[ImageRef] = deque()  # images to encode, in arrival order
-        self.waiters: dict[int, list[int]] = {}  # record id → requests waiting for it
+        self.jobs: deque[ImageRef] = deque()  # images to encode, in arrival order, not yet dispatched
+        # record id → requests waiting for it, for every record queued in `jobs` or in a worker
+        # (an encoding no request waits for any more keeps an empty list until it comes back)
+        self.waiters: dict[int, list[int]] = {}
         self.pending: dict[int, tuple[ServeRequest, set[int]]] = {}  # req id → (request, records left)
-        self.aborted: set[int] = set()
         # Records encoded here. A request that took its cache reference just before the
         # embedding was marked present still says needs_vit; its image bytes are gone by
         # then, and the embedding is valid while the request holds its reference.
         self.done: OrderedDict[int, None] = OrderedDict()
-        self.stats = VitStats()
+        self.stats = VisualStats()
 
-    def handle(self, msg: tuple) -> None:
-        if msg[0] == "abort":
-            if self.pending.pop(msg[1], None) is None and len(self.aborted) < MAX_REMEMBERED_ABORTS:
-                self.aborted.add(msg[1])  # it may still be on its way here
-            return
-        req: ServeRequest = msg[1]
-        if req.req_id in self.aborted:
-            self.aborted.discard(req.req_id)
-            return
-        left = set()
+    def handle(self, msg: ToVisual) -> None:
+        match msg:
+            case Submit(req):
+                self._submit(req)
+            case Abort(req_id):
+                self._abort(req_id)
+            case _:
+                raise TypeError(f"visual server: unexpected message {msg!r}")
+
+    def _submit(self, req: ServeRequest) -> None:
+        left: set[int] = set()
         for ref in req.images:
-            if not ref.needs_vit or ref.record_id in self.done:
+            if not ref.needs_vit or ref.record_id in self.done or ref.record_id in left:
                 continue
             left.add(ref.record_id)
             if ref.record_id not in self.waiters:
@@ -74,6 +86,31 @@ class VisualServer:
             self.pending[req.req_id] = (req, left)
         else:
             self._forward(req)
+
+    def _abort(self, req_id: int) -> None:
+        entry = self.pending.pop(req_id, None)
+        if entry is None:  # forwarded (or failed) already: the abort goes behind it
+            self.to_router(Abort(req_id))
+            return
+        self._unwait(req_id, entry[1])
+
+    def _unwait(self, req_id: int, records: set[int]) -> None:
+        """A request no longer waits for these records."""
+        for record_id in records:
+            waiting = self.waiters[record_id]
+            waiting.remove(req_id)
+            if not waiting and self._unqueue(record_id):
+                del self.waiters[record_id]
+
+    def _unqueue(self, record_id: int) -> bool:
+        """Take a record's job off the queue, if no worker has it yet."""
+        for ref in self.jobs:
+            if ref.record_id == record_id:
+                self.jobs.remove(ref)
+                for w in self.workers:
+                    w.forget(record_id)  # drop its prefetched tiles
+                return True
+        return False
 
     def dispatch(self) -> None:
         """Give each idle worker group the next batch of images."""
@@ -95,12 +132,12 @@ class VisualServer:
         if res.done:
             self.cache.mark_embedding(res.done)
         s = self.stats
-        s.batches += 1
-        s.images += len(res.done)
-        s.tiles += res.tiles
-        s.preprocess_s += res.preprocess_s
-        s.encode_s += res.encode_s
-        s.batch_sizes[len(res.done)] = s.batch_sizes.get(len(res.done), 0) + 1
+        s.vit_images += len(res.done)
+        s.vit_tiles += res.tiles
+        s.vit_preprocess_seconds += res.preprocess_s
+        s.vit_encode_seconds += res.encode_s
+        s.vit_seconds += res.preprocess_s + res.encode_s
+        s.vit_batch_sizes[len(res.done)] = s.vit_batch_sizes.get(len(res.done), 0) + 1
         for rid in res.done:
             self.done[rid] = None
             if len(self.done) > MAX_REMEMBERED_DONE:
@@ -109,46 +146,35 @@ class VisualServer:
 
     def _resolve(self, record_id: int) -> None:
         for req_id in self.waiters.pop(record_id, []):
-            entry = self.pending.get(req_id)
-            if entry is None:
-                continue
-            entry[1].discard(record_id)
-            if not entry[1]:
+            req, left = self.pending[req_id]
+            left.discard(record_id)
+            if not left:
                 del self.pending[req_id]
-                self._forward(entry[0])
+                self._forward(req)
 
     def _forward(self, req: ServeRequest) -> None:
         now = time.monotonic()
-        self.stats.forwarded += 1
-        self.stats.forward_wait_s += now - req.t_sent
+        self.stats.ttft_visual_n += 1
+        self.stats.ttft_visual_s += now - req.t_sent
         req.t_sent = now
-        self.to_router.send(("req", req))
+        self.to_router(Submit(req))
 
     def _fail(self, record_id: int, kind: str, message: str) -> None:
-        """Fail every request waiting for this image: "invalid" (undecodable bytes) ends in a 400,
-        naming the image's index in each request, "error" in a 500."""
+        """Fail every request waiting for this image, straight to HTTP: "invalid" (undecodable
+        bytes) ends in a 400, naming the image's index in each request, "error" in a 500."""
         log.log(logging.INFO if kind == "invalid" else logging.WARNING, "image record %d failed (%s): %s",
                 record_id, kind, message)
         for req_id in self.waiters.pop(record_id, []):
-            entry = self.pending.pop(req_id, None)
-            if entry is None:
-                continue
-            index = next((i for i, r in enumerate(entry[0].images) if r.record_id == record_id), 0)
+            req, left = self.pending.pop(req_id)
+            self._unwait(req_id, left - {record_id})
+            index = next((i for i, r in enumerate(req.images) if r.record_id == record_id), 0)
             if kind == "invalid":
-                reason = f"invalid:image {index}: {message}"
+                self.to_http(Failure(req_id, "invalid", f"image {index}: {message}"))
             else:
-                reason = f"error:image {index} could not be encoded: {message}"
-            self.to_router.send(("fail", req_id, reason))
-
-    def metrics(self) -> dict:
-        s = self.stats
-        return {"vit_batches": s.batches, "vit_images": s.images, "vit_tiles": s.tiles,
-                "vit_seconds": s.preprocess_s + s.encode_s, "vit_preprocess_seconds": s.preprocess_s,
-                "vit_encode_seconds": s.encode_s, "vit_batch_sizes": dict(s.batch_sizes), "vit_queue": len(self.jobs),
-                "ttft_visual_s": s.forward_wait_s, "ttft_visual_n": s.forwarded}
+                self.to_http(Failure(req_id, "error", f"image {index} could not be encoded: {message}"))
 
 
-def serve_forever(server: VisualServer, from_http: Connection, to_http: Connection) -> None:
+def serve_forever(server: VisualServer, from_http: Connection) -> None:
     last_stats = 0.0
     worker_conns = [w.conn for w in server.workers]
     while True:
@@ -164,5 +190,5 @@ def serve_forever(server: VisualServer, from_http: Connection, to_http: Connecti
         server.dispatch()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            to_http.send(("stats", server.metrics()))
+            server.to_http(server.stats)
             last_stats = now
