@@ -96,8 +96,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
                     IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
                                  max_req_len, args.cache_wait_s), cache, session,
                     EmbedsInput(cluster.prefix, model_dtype), default_cap=args.max_patch_num)
-    to_visual = ends["to_visual"].send if ends["to_visual"] is not None else None
-    streams = Streams(tokenizer, ends["to_router"].send, to_visual, intake.release)
+    streams = Streams(tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 
     def health() -> str | None:

@@ -17,7 +17,7 @@ not answered: HTTP sends one only once it has stopped reading the request's stre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Iterator, Literal, Protocol, Sequence, TypeVar
 
 from .engine.sampling import SamplingParams
 
@@ -153,3 +153,11 @@ ToVisual = Submit | Abort
 ToRouter = Submit | Abort
 FromVisual = Failure | VisualStats
 FromRouter = Outputs | Failure | RouterStats
+
+_M = TypeVar("_M", contravariant=True)
+
+
+class Sender(Protocol[_M]):
+    """The sending end of a pipe: a multiprocessing Connection, or a list in the tests."""
+
+    def send(self, msg: _M, /) -> None: ...

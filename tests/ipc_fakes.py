@@ -30,6 +30,13 @@ def request(req_id: int, text: str = "hi", images: tuple[ImageRef, ...] = (), **
     return ServeRequest(req_id, [ord(c) for c in text], SamplingParams(**params), list(images))
 
 
+class ListPipe(list):
+    """A pipe's sending end that keeps what was sent, in order."""
+
+    def send(self, msg) -> None:
+        self.append(msg)
+
+
 class FakeEngine:
     """Echoes each request's prompt back, one token per step, ending with "stop" on EOS (or
     "length" at max_new_tokens). Holds a request from add_request until it ends."""

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from ipc_fakes import EOS, FakeEngine, request
+from ipc_fakes import EOS, FakeEngine, ListPipe, request
 from mmserver.ipc import Abort, Failure, Outputs, RouterStats, Submit, Token
 from mmserver.router.process import Router
 
 
-def make_router(engine=None) -> tuple[Router, list]:
-    sent: list = []
-    return Router(engine or FakeEngine(), sent.append, hidden=8, dtype=torch.float32), sent
+def make_router(engine=None) -> tuple[Router, ListPipe]:
+    sent = ListPipe()
+    return Router(engine or FakeEngine(), sent, hidden=8, dtype=torch.float32), sent
 
 
 def tokens(sent: list) -> list[Token]:

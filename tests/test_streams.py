@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 
-from ipc_fakes import EOS, CharTokenizer, FakeEngine, image_ref, request
+from ipc_fakes import EOS, CharTokenizer, FakeEngine, ListPipe, image_ref, request
 from mmserver.frontend.errors import BadRequest, HTTPError, Unavailable
 from mmserver.frontend.streams import Streams
 from mmserver.ipc import Abort, Failure, Outputs, Submit, Token
@@ -18,10 +18,10 @@ from mmserver.router.process import Router
 
 class Harness:
     def __init__(self):
-        self.to_router: list = []
-        self.to_visual: list = []
+        self.to_router = ListPipe()
+        self.to_visual = ListPipe()
         self.released: list = []
-        self.streams = Streams(CharTokenizer(), self.to_router.append, self.to_visual.append, self._release)
+        self.streams = Streams(CharTokenizer(), self.to_router, self.to_visual, self._release)
 
     async def _release(self, refs) -> None:
         self.released.append(refs)
@@ -120,8 +120,8 @@ def test_stop_string_racing_eos():
     """HTTP sees the stop string "!" in "hi!" while the router, a step ahead, has already ended
     the request on EOS: HTTP's abort reaches a router that no longer knows the request."""
     h = Harness()
-    router_out: list = []
-    router = Router(FakeEngine(), router_out.append, hidden=8, dtype=torch.float32)
+    router_out = ListPipe()
+    router = Router(FakeEngine(), router_out, hidden=8, dtype=torch.float32)
     req = request(1, f"hi!{chr(EOS)}", stop_sequences=["!"])
 
     async def scenario():

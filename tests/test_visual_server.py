@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ipc_fakes import FakeCache, FakeWorker, image_ref, request
+from ipc_fakes import FakeCache, FakeWorker, ListPipe, image_ref, request
 from mmserver.ipc import Abort, Failure, Submit
 from mmserver.visual.server import VisualServer
 
@@ -17,9 +17,9 @@ class Harness:
     def __init__(self, batch_size: int = 4):
         self.worker = FakeWorker()
         self.cache = FakeCache()
-        self.to_router: list = []
-        self.to_http: list = []
-        self.server = VisualServer([self.worker], self.cache, self.to_router.append, self.to_http.append, batch_size)
+        self.to_router = ListPipe()
+        self.to_http = ListPipe()
+        self.server = VisualServer([self.worker], self.cache, self.to_router, self.to_http, batch_size)
 
     def submit(self, req_id: int, *record_ids: int):
         req = request(req_id, images=tuple(image_ref(r) for r in record_ids))

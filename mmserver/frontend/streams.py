@@ -15,14 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from ..ipc import Abort, Failure, ImageRef, Outputs, ServeRequest, Submit, Token
+from ..ipc import Abort, Failure, ImageRef, Outputs, Sender, ServeRequest, Submit, Token, ToRouter, ToVisual
 from .detokenize import IncrementalDetokenizer, token_text
 from .errors import BadRequest, HTTPError, Unavailable
 
 _ERRORS: dict[str, Callable[[str], HTTPError]] = {
     "error": lambda m: HTTPError(m, 500), "invalid": BadRequest, "unavailable": Unavailable}
-
-Send = Callable[[Submit | Abort], None]
 
 
 @dataclass
@@ -55,7 +53,7 @@ class Counters:
 
 
 class Streams:
-    def __init__(self, tokenizer, to_router: Send, to_visual: Send | None,
+    def __init__(self, tokenizer, to_router: Sender[ToRouter], to_visual: Sender[ToVisual] | None,
                  release: Callable[[list[ImageRef]], "asyncio.Future"]):
         self.tokenizer = tokenizer
         self.to_router = to_router
@@ -98,7 +96,7 @@ class Streams:
             raise Unavailable(f"server unhealthy: {self.failure}")
         q: asyncio.Queue = asyncio.Queue()
         self.queues[req.req_id] = q
-        send = self.to_visual if any(r.needs_vit for r in refs) else self.to_router
+        send = (self.to_visual if any(r.needs_vit for r in refs) else self.to_router).send
         finished = False  # set once the request has ended where it runs: nothing left to abort
         try:
             req.t_sent = time.monotonic()

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Callable
 
 import torch
 
 from ..args import ServerArgs
 from ..embed_cache import shm
 from ..engine.engine import Engine, RequestError
-from ..ipc import Abort, Failure, FromRouter, Outputs, RouterStats, ServeRequest, Submit, ToRouter
+from ..ipc import Abort, Failure, FromRouter, Outputs, RouterStats, Sender, ServeRequest, Submit, ToRouter
 from .sizing import engine_config_for
 
 log = logging.getLogger("mmserver.router")
@@ -33,9 +32,9 @@ class Router:
     An abort always arrives after its request (ipc.py), so an abort for an id the engine
     does not hold means the request already finished: it is ignored and nothing is kept."""
 
-    def __init__(self, engine: Engine, send: Callable[[FromRouter], None], hidden: int, dtype: torch.dtype):
+    def __init__(self, engine: Engine, out: Sender[FromRouter], hidden: int, dtype: torch.dtype):
         self.engine = engine
-        self.send = send
+        self.out = out
         self.hidden = hidden
         self.dtype = dtype
         self.awaiting_first: dict[int, float] = {}  # req id → when it was sent here (TTFT breakdown)
@@ -58,7 +57,7 @@ class Router:
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, req_id=req.req_id)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
-            self.send(Failure(req.req_id, "error", str(e)))
+            self.out.send(Failure(req.req_id, "error", str(e)))
 
     def _read_embeddings(self, req: ServeRequest) -> torch.Tensor | None:
         if not req.images:
@@ -82,7 +81,7 @@ class Router:
                     if sent is not None:
                         self.first_token_s += now - sent
                         self.first_tokens += 1
-            self.send(Outputs.of(outs))
+            self.out.send(Outputs.of(outs))
 
     def stats(self) -> RouterStats:
         e = self.engine
@@ -124,7 +123,7 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
     cfg, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
     model = TPLeader(llm, tp) if tp.size > 1 else llm
     engine = Engine(model, engine_cfg, image_token_id=image_token_id)
-    router = Router(engine, to_http.send, cfg.llm.hidden_size, dtype)
+    router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
         serve_forever(router, [from_http, from_visual])
@@ -160,5 +159,5 @@ def serve_forever(router: Router, inputs: list[Connection]) -> None:
             router.step()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            router.send(router.stats())
+            router.out.send(router.stats())
             last_stats = now

@@ -86,7 +86,6 @@ def run_visual(ready, args, from_http: Connection, to_router: Connection, to_htt
     else:
         cfg, encoder = _load_encoder(args)
         workers = [LocalWorker(_runner(cfg, encoder))]
-    server = VisualServer(workers, CacheClient(cache_socket), to_router.send, to_http.send,
-                          args.visual_infer_batch_size)
+    server = VisualServer(workers, CacheClient(cache_socket), to_router, to_http, args.visual_infer_batch_size)
     ready()
     serve_forever(server, from_http)

@@ -15,9 +15,9 @@ import logging
 import time
 from collections import OrderedDict, deque
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Protocol
+from typing import Protocol
 
-from ..ipc import Abort, Failure, FromVisual, ImageRef, ServeRequest, Submit, ToRouter, ToVisual, VisualStats
+from ..ipc import Abort, Failure, FromVisual, ImageRef, Sender, ServeRequest, Submit, ToRouter, ToVisual, VisualStats
 from .workers import BatchResult
 
 log = logging.getLogger("mmserver.visual")
@@ -43,8 +43,8 @@ class Cache(Protocol):
 
 
 class VisualServer:
-    def __init__(self, workers: list[Worker], cache: Cache, to_router: Callable[[ToRouter], None],
-                 to_http: Callable[[FromVisual], None], batch_size: int):
+    def __init__(self, workers: list[Worker], cache: Cache, to_router: Sender[ToRouter], to_http: Sender[FromVisual],
+                 batch_size: int):
         self.workers = workers
         self.cache = cache
         self.to_router = to_router
@@ -90,7 +90,7 @@ class VisualServer:
     def _abort(self, req_id: int) -> None:
         entry = self.pending.pop(req_id, None)
         if entry is None:  # forwarded (or failed) already: the abort goes behind it
-            self.to_router(Abort(req_id))
+            self.to_router.send(Abort(req_id))
             return
         self._unwait(req_id, entry[1])
 
@@ -157,7 +157,7 @@ class VisualServer:
         self.stats.ttft_visual_n += 1
         self.stats.ttft_visual_s += now - req.t_sent
         req.t_sent = now
-        self.to_router(Submit(req))
+        self.to_router.send(Submit(req))
 
     def _fail(self, record_id: int, kind: str, message: str) -> None:
         """Fail every request waiting for this image, straight to HTTP: "invalid" (undecodable
@@ -169,9 +169,9 @@ class VisualServer:
             self._unwait(req_id, left - {record_id})
             index = next((i for i, r in enumerate(req.images) if r.record_id == record_id), 0)
             if kind == "invalid":
-                self.to_http(Failure(req_id, "invalid", f"image {index}: {message}"))
+                self.to_http.send(Failure(req_id, "invalid", f"image {index}: {message}"))
             else:
-                self.to_http(Failure(req_id, "error", f"image {index} could not be encoded: {message}"))
+                self.to_http.send(Failure(req_id, "error", f"image {index} could not be encoded: {message}"))
 
 
 def serve_forever(server: VisualServer, from_http: Connection) -> None:
@@ -190,5 +190,5 @@ def serve_forever(server: VisualServer, from_http: Connection) -> None:
         server.dispatch()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            server.to_http(server.stats)
+            server.to_http.send(server.stats)
             last_stats = now
