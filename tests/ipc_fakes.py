@@ -47,7 +47,7 @@ class FakeEngine:
         self.running: list = []
         self.kv = SimpleNamespace(used=0, num_slots=MAX_REQ_LEN)
 
-    def add_request(self, prompt_ids, params, image_embeds=None, req_id=None) -> int:
+    def add_request(self, prompt_ids, params, *, req_id: int, **image_inputs) -> int:
         if len(prompt_ids) + params.max_new_tokens > MAX_REQ_LEN:
             raise RequestError(f"exceeds max_req_total_len {MAX_REQ_LEN}")
         self.requests[req_id] = list(prompt_ids)[:params.max_new_tokens]
