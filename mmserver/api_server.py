@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -85,6 +86,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
     from .frontend.streams import Streams
     from .http.server import AppState, build_app
+    from .ipc import Failure, Outputs, RouterStats, VisualStats
     loop = asyncio.get_running_loop()
     session = aiohttp.ClientSession()
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
@@ -103,11 +105,15 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     def drain(conn, source: str) -> None:
         try:
             while conn.poll():
-                msg = conn.recv()
-                if msg[0] == "out":
-                    streams.dispatch(msg[1])
-                elif msg[0] == "stats":
-                    stats[source] = msg[1]
+                match conn.recv():
+                    case Outputs() as outs:
+                        streams.dispatch(outs)
+                    case Failure() as failure:
+                        streams.fail(failure)
+                    case RouterStats() | VisualStats() as s:
+                        stats[source] = dataclasses.asdict(s)
+                    case msg:
+                        raise TypeError(f"from the {source}: unexpected message {msg!r}")
         except (EOFError, OSError):
             loop.remove_reader(conn.fileno())
             streams.fail_all(f"{source} process is gone")

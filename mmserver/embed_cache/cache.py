@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -30,9 +29,7 @@ class Record:
     emb_name: str
     img_name: str
     refcount: int = 0
-    has_bytes: bool = False
     has_embedding: bool = False
-    last_use: float = 0.0
 
 
 class EmbedCache:
@@ -82,12 +79,6 @@ class EmbedCache:
                 if rec is not None:
                     self._unref(rec)
 
-    def mark_bytes(self, ids: tuple[int, ...]) -> None:
-        with self._lock:
-            for i in ids:
-                if i in self._by_id:
-                    self._by_id[i].has_bytes = True
-
     def mark_embedding(self, ids: tuple[int, ...]) -> None:
         """The ViT filled these; the image bytes are no longer needed."""
         with self._lock:
@@ -99,7 +90,7 @@ class EmbedCache:
                 if rec.img_bytes:
                     shm.unlink(rec.img_name)
                     self.bytes -= rec.img_bytes
-                    rec.img_bytes, rec.has_bytes = 0, False
+                    rec.img_bytes = 0
 
     def stats(self) -> tuple[tuple[str, int], ...]:
         with self._lock:
@@ -107,10 +98,6 @@ class EmbedCache:
             return (("hits", self.hits), ("misses", self.misses), ("evictions", self.evictions),
                     ("bytes", self.bytes), ("records", len(self._by_id)), ("in_use", in_use),
                     ("capacity", self.capacity))
-
-    def refcounts(self) -> tuple[tuple[int, int], ...]:
-        with self._lock:
-            return tuple((r.id, r.refcount) for r in self._by_id.values())
 
     def close(self) -> None:
         with self._lock:
@@ -142,7 +129,6 @@ class EmbedCache:
 
     def _ref(self, rec: Record) -> None:
         rec.refcount += 1
-        rec.last_use = time.monotonic()
         self._lru.pop(rec.id, None)
 
     def _unref(self, rec: Record) -> None:

@@ -35,17 +35,11 @@ class CacheService(rpyc.Service):
     def exposed_release(self, ids):
         self.cache.release(tuple(int(i) for i in ids))
 
-    def exposed_mark_bytes(self, ids):
-        self.cache.mark_bytes(tuple(int(i) for i in ids))
-
     def exposed_mark_embedding(self, ids):
         self.cache.mark_embedding(tuple(int(i) for i in ids))
 
     def exposed_stats(self):
         return self.cache.stats()
-
-    def exposed_refcounts(self):
-        return self.cache.refcounts()
 
 
 def serve(cache: EmbedCache, socket_path: str) -> ThreadedServer:
@@ -75,10 +69,6 @@ class CacheClient:
             with self._lock:
                 self._conn.root.release(tuple(ids))
 
-    def mark_bytes(self, ids: list[int]) -> None:
-        with self._lock:
-            self._conn.root.mark_bytes(tuple(ids))
-
     def mark_embedding(self, ids: list[int]) -> None:
         with self._lock:
             self._conn.root.mark_embedding(tuple(ids))
@@ -86,10 +76,6 @@ class CacheClient:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {k: int(v) for k, v in self._conn.root.stats()}
-
-    def refcounts(self) -> dict[int, int]:
-        with self._lock:
-            return {int(k): int(v) for k, v in self._conn.root.refcounts()}
 
     def close(self) -> None:
         try:

@@ -2,7 +2,7 @@
 checked, hashed and measured without blocking the event loop.
 
 Only the header is read here (size, format): the pixels are decoded once, by the ViT worker,
-which reports a corrupt or truncated body as a 400 for the request too (see visual/process.py)."""
+which reports a corrupt or truncated body as a 400 for the request too (see visual/server.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Per-request output streams in the HTTP process.
 
-Token batches from the router are fanned out to one asyncio queue per request; each
-stream detokenizes incrementally, applies stop strings (aborting the request in the
-router when one matches) and yields events. Leaving a stream early, for any reason,
-aborts the request and drops its cache references exactly once.
+Token batches from the router, and failures from the router or the visual server, are
+fanned out to one asyncio queue per request; each stream detokenizes incrementally,
+applies stop strings (aborting the request when one matches) and yields events. Leaving a
+stream early, for any reason, aborts the request and drops its cache references exactly
+once. A request's abort goes on the pipe its Submit went on (ipc.py).
 """
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import AsyncIterator, Callable
 
-from ..ipc import ImageRef, ServeRequest, TokenOut
+from ..ipc import Abort, Failure, ImageRef, Outputs, Sender, ServeRequest, Submit, Token, ToRouter, ToVisual
 from .detokenize import IncrementalDetokenizer, token_text
 from .errors import BadRequest, HTTPError, Unavailable
 
-# A token of -1 ends a request with one of these finish reasons, "<kind>:<message>".
-_FAILURES = {"error": lambda m: HTTPError(m, 500), "invalid": BadRequest, "unavailable": Unavailable}
-_FAILURE_PREFIXES = tuple(f"{kind}:" for kind in _FAILURES)
+_ERRORS: dict[str, Callable[[str], HTTPError]] = {
+    "error": lambda m: HTTPError(m, 500), "invalid": BadRequest, "unavailable": Unavailable}
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Counters:
 
 
 class Streams:
-    def __init__(self, tokenizer, to_router: Connection, to_visual: Connection | None,
+    def __init__(self, tokenizer, to_router: Sender[ToRouter], to_visual: Sender[ToVisual] | None,
                  release: Callable[[list[ImageRef]], "asyncio.Future"]):
         self.tokenizer = tokenizer
         self.to_router = to_router
@@ -73,16 +72,22 @@ class Streams:
     def in_flight(self) -> int:
         return len(self.queues)
 
-    def dispatch(self, outs: list[TokenOut]) -> None:
-        for out in outs:
-            q = self.queues.get(out[0])
+    def dispatch(self, outs: Outputs) -> None:
+        """One step's tokens; those of requests no longer streamed (stopped, gone) are dropped."""
+        for tok in outs:
+            q = self.queues.get(tok.req_id)
             if q is not None:
-                q.put_nowait(out)
+                q.put_nowait(tok)
+
+    def fail(self, failure: Failure) -> None:
+        q = self.queues.get(failure.req_id)
+        if q is not None:
+            q.put_nowait(failure)
 
     def fail_all(self, reason: str) -> None:
         self.failure = reason
         for rid, q in self.queues.items():
-            q.put_nowait((rid, -1, 0.0, True, f"unavailable:{reason}"))
+            q.put_nowait(Failure(rid, "unavailable", reason))
 
     async def run(self, req: ServeRequest, refs: list[ImageRef], skip_special: bool) -> AsyncIterator[TokenEvent]:
         """Submit `req` and yield one event per generated token; the last has finished=True."""
@@ -91,22 +96,22 @@ class Streams:
             raise Unavailable(f"server unhealthy: {self.failure}")
         q: asyncio.Queue = asyncio.Queue()
         self.queues[req.req_id] = q
-        via_visual = any(r.needs_vit for r in refs)
-        finished = False
+        send = (self.to_visual if any(r.needs_vit for r in refs) else self.to_router).send
+        finished = False  # set once the request has ended where it runs: nothing left to abort
         try:
             req.t_sent = time.monotonic()
             self.counters.stage("http_intake", req.t_sent - req.t_arrival)
-            (self.to_visual if via_visual else self.to_router).send(("req", req))
+            send(Submit(req))
             self.counters.prompt_tokens += len(req.input_ids)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special, req.params.stop_sequences,
                                            prompt_ids=req.input_ids)
             count = 0
             while True:
-                rid, tok, logprob, done, reason = await q.get()
-                if reason is not None and reason.startswith(_FAILURE_PREFIXES):
-                    kind, _, message = reason.partition(":")
+                item: Token | Failure = await q.get()
+                if isinstance(item, Failure):
                     finished = True
-                    raise _FAILURES[kind](message)
+                    raise _ERRORS[item.kind](item.message)
+                tok, logprob, done, reason = item.token_id, item.logprob, item.finished, item.finish_reason
                 count += 1
                 if count == 1:
                     self.counters.stage("total", time.monotonic() - req.t_arrival)
@@ -114,7 +119,7 @@ class Streams:
                 text = detok.push(tok)
                 if detok.stopped and not done:
                     done, reason = True, "stop"
-                    self.to_router.send(("abort", req.req_id))
+                    send(Abort(req.req_id))  # the router may have finished it meanwhile: it ignores this
                 if done:
                     finished = True
                     if not detok.stopped:
@@ -125,9 +130,7 @@ class Streams:
         finally:
             self.queues.pop(req.req_id, None)
             if not finished:  # client gone or error: stop the work and free its KV slots
-                self.to_router.send(("abort", req.req_id))
-                if via_visual and self.to_visual is not None:
-                    self.to_visual.send(("abort", req.req_id))
+                send(Abort(req.req_id))
             await self.release(refs)
 
     def token_text(self, token_id: int) -> str:

@@ -1,8 +1,10 @@
 """The router process: request queue, admission and continuous batching around the engine.
 
-With --tp 1 the model worker lives here. Inputs arrive from the HTTP server (text-only
-and fully cached requests, aborts) and from the visual server (requests whose images were
-just encoded); every step's new tokens go back to the HTTP server in one message.
+Tensor-parallel rank 0 of the model lives here, at any --tp (the other ranks follow its
+batches from their own processes). Requests arrive from the HTTP server (text-only and fully
+cached ones) and from the visual server (once their images are encoded), each request's
+abort on the same pipe after it; every step's new tokens go back to the HTTP server in one
+message.
 """
 
 from __future__ import annotations
@@ -16,54 +18,47 @@ import torch
 from ..args import ServerArgs
 from ..embed_cache import shm
 from ..engine.engine import Engine, RequestError
-from ..ipc import ServeRequest, TokenOut
+from ..ipc import Abort, Failure, FromRouter, Outputs, RouterStats, Sender, ServeRequest, Submit, ToRouter
 from .sizing import engine_config_for
 
 log = logging.getLogger("mmserver.router")
 
 STATS_INTERVAL_S = 0.2
-MAX_REMEMBERED_ABORTS = 10000
 
 
 class Router:
-    def __init__(self, engine: Engine, out_conn: Connection, hidden: int, dtype: torch.dtype):
+    """Feeds requests and aborts to the engine and sends its tokens on.
+
+    An abort always arrives after its request (ipc.py), so an abort for an id the engine
+    does not hold means the request already finished: it is ignored and nothing is kept."""
+
+    def __init__(self, engine: Engine, out: Sender[FromRouter], hidden: int, dtype: torch.dtype):
         self.engine = engine
-        self.out = out_conn
+        self.out = out
         self.hidden = hidden
         self.dtype = dtype
-        self.steps = 0
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.aborted: set[int] = set()
         self.awaiting_first: dict[int, float] = {}  # req id → when it was sent here (TTFT breakdown)
         self.first_token_s = 0.0
         self.first_tokens = 0
 
-    def handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "req":
-            self._add(msg[1])
-        elif kind == "abort":
-            self.awaiting_first.pop(msg[1], None)
-            if msg[1] in self.engine.requests:
-                self.engine.abort(msg[1])
-            elif len(self.aborted) < MAX_REMEMBERED_ABORTS:
-                self.aborted.add(msg[1])  # still on its way through the visual server
-        elif kind == "fail":  # the visual server could not encode an image; msg[2] is the finish reason
-            self.out.send(("out", [(msg[1], -1, 0.0, True, msg[2])]))
+    def handle(self, msg: ToRouter) -> None:
+        match msg:
+            case Submit(req):
+                self._add(req)
+            case Abort(req_id):
+                self.awaiting_first.pop(req_id, None)
+                self.engine.abort(req_id)
+            case _:
+                raise TypeError(f"router: unexpected message {msg!r}")
 
     def _add(self, req: ServeRequest) -> None:
-        if req.req_id in self.aborted:
-            self.aborted.discard(req.req_id)
-            return
         try:
             embeds = self._read_embeddings(req)
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, image_spans=req.image_spans,
                                     req_id=req.req_id)
-            self.prompt_tokens += len(req.input_ids)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
-            self.out.send(("out", [(req.req_id, -1, 0.0, True, f"error:{e}")]))
+            self.out.send(Failure(req.req_id, "error", str(e)))
 
     def _read_embeddings(self, req: ServeRequest) -> torch.Tensor | None:
         if not req.images:
@@ -87,17 +82,12 @@ class Router:
                     if sent is not None:
                         self.first_token_s += now - sent
                         self.first_tokens += 1
-            self.steps += 1
-            self.generated_tokens += len(outs)
-            batch: list[TokenOut] = [(o.req_id, o.token_id, o.logprob, o.finished, o.finish_reason) for o in outs]
-            self.out.send(("out", batch))
+            self.out.send(Outputs.of(outs))
 
-    def stats(self) -> dict:
+    def stats(self) -> RouterStats:
         e = self.engine
-        return {"kv_used": e.kv.used, "kv_total": e.kv.num_slots, "waiting": len(e.waiting),
-                "running": len(e.running), "steps": self.steps, "prompt_tokens": self.prompt_tokens,
-                "generated_tokens": self.generated_tokens, "ttft_router_s": self.first_token_s,
-                "ttft_router_n": self.first_tokens}
+        return RouterStats(kv_used=e.kv.used, kv_total=e.kv.num_slots, waiting=len(e.waiting), running=len(e.running),
+                           ttft_router_s=self.first_token_s, ttft_router_n=self.first_tokens)
 
 
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
@@ -137,7 +127,7 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
     router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
-        serve_forever(router, [from_http, from_visual], to_http)
+        serve_forever(router, [from_http, from_visual])
     finally:
         if tp.size > 1:
             model.stop()
@@ -155,7 +145,7 @@ def run_model_worker(ready, args: ServerArgs, tp_rank: int, init_method: str) ->
     follow(llm, kv_pool, token_table, tp)
 
 
-def serve_forever(router: Router, inputs: list[Connection], to_http: Connection) -> None:
+def serve_forever(router: Router, inputs: list[Connection]) -> None:
     engine = router.engine
     last_stats = 0.0
     while True:
@@ -170,5 +160,5 @@ def serve_forever(router: Router, inputs: list[Connection], to_http: Connection)
             router.step()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
-            to_http.send(("stats", router.stats()))
+            router.out.send(router.stats())
             last_stats = now

@@ -59,6 +59,12 @@ class VitRunner:
         if ref.record_id not in self._prefetched:
             self._prefetched[ref.record_id] = self.pool.submit(self._tiles_or_error, ref)
 
+    def forget(self, record_id: int) -> None:
+        """Drop an image's prefetched tiles: no batch will take it (its requests were aborted)."""
+        fut = self._prefetched.pop(record_id, None)
+        if fut is not None:
+            fut.cancel()
+
     def process(self, refs: list[ImageRef]) -> BatchResult:
         res = BatchResult()
         t0 = time.perf_counter()
@@ -155,6 +161,9 @@ class LocalWorker:
     def prefetch(self, ref: ImageRef) -> None:
         self.runner.prefetch(ref)
 
+    def forget(self, record_id: int) -> None:
+        self.runner.forget(record_id)
+
     def dispatch(self, refs: list[ImageRef]) -> None:
         self.inflight += 1
         self._pool.submit(self._run, refs)
@@ -186,6 +195,9 @@ class RemoteWorker:
 
     def prefetch(self, ref: ImageRef) -> None:
         """Nothing to do ahead: the worker's process prepares a batch's images when it arrives."""
+
+    def forget(self, record_id: int) -> None:
+        """Nothing was prepared ahead (see prefetch)."""
 
     def dispatch(self, refs: list[ImageRef]) -> None:
         self.busy = True
