@@ -84,7 +84,8 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     from .embed_cache.service import CacheClient
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
     from .frontend.streams import Streams
-    from .http.server import AppState, build_app
+    from .http.app import build_app
+    from .http.common import AppState
     loop = asyncio.get_running_loop()
     session = aiohttp.ClientSession()
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
@@ -119,7 +120,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
                      max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
-                     health=health, stats=stats)
+                     health=health, stats=stats, max_n=args.max_n)
     app = build_app(state, args.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()

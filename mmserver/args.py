@@ -38,6 +38,7 @@ class ServerArgs:
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
     max_waiting_requests: int = 4096
+    max_n: int = 8
     overlap_schedule: str = "auto"
     log_level: str = "info"
     # From the environment (LightLLM's names), checked here so a bad value stops the start with
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allowed_local_media_path", default=None,
       help="directory from which {'type': 'file'} images may be read (off by default)")
     a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
+    a("--max_n", type=int, default=8, help="most samples ('n') one OpenAI request may ask for; more is a 400")
     a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -156,7 +158,8 @@ def check_args(a: ServerArgs) -> None:
                 "--visual_infer_batch_size": a.visual_infer_batch_size, "--cache_capacity": a.cache_capacity,
                 "--visual_dp": a.visual_dp, "--visual_tp": a.visual_tp, "--port": a.port,
                 "--max_images_per_request": a.max_images_per_request, "--max_image_bytes": a.max_image_bytes,
-                "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes}
+                "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes,
+                "--max_n": a.max_n}
     for name, value in positive.items():
         if value < 1:
             raise ArgError(f"{name} must be >= 1, got {value}")
