@@ -120,7 +120,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
                      max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
-                     health=health, stats=stats, max_n=args.max_n)
+                     health=health, stats=stats, max_n=args.max_n, api_key=args.api_key)
     app = build_app(state, args.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()

@@ -39,6 +39,7 @@ class ServerArgs:
     allowed_local_media_path: str | None = None
     max_waiting_requests: int = 4096
     max_n: int = 8
+    api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
     overlap_schedule: str = "auto"
     log_level: str = "info"
     # From the environment (LightLLM's names), checked here so a bad value stops the start with
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmserver.api_server",
         description="Serve an InternVL checkpoint over HTTP (LightLLM-compatible /generate, OpenAI-compatible /v1).",
-        epilog="Environment: INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
+        epilog="Environment: MMSERVER_API_KEY (the API key when --api_key is not given), INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
                "LOADWORKER (threads reading weight shards), MAX_PATCH_NUM (default tile cap per image).")
     a = p.add_argument
     a("--model_dir", required=True, help="checkpoint directory (original or transformers InternVL layout)")
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="directory from which {'type': 'file'} images may be read (off by default)")
     a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
     a("--max_n", type=int, default=8, help="most samples ('n') one OpenAI request may ask for; more is a 400")
+    a("--api_key", default=None,
+      help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+           "(default: the MMSERVER_API_KEY environment variable, which keeps the key out of the process list)")
     a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -147,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     args.image_length = _env_int("INTERNVL_IMAGE_LENGTH")
     args.load_workers = _env_int("LOADWORKER") or 1
     args.max_patch_num = _env_int("MAX_PATCH_NUM")
+    if args.api_key is None:
+        args.api_key = os.environ.get("MMSERVER_API_KEY") or None
     check_args(args)
     return args
 
@@ -171,6 +177,8 @@ def check_args(a: ServerArgs) -> None:
         raise ArgError(f"--mem_fraction must be in (0, 1], got {a.mem_fraction}")
     if a.image_fetch_timeout <= 0 or a.cache_wait_s < 0:
         raise ArgError("--image_fetch_timeout must be > 0 and --cache_wait_s >= 0")
+    if a.api_key is not None and (not a.api_key.strip() or a.api_key != a.api_key.strip()):
+        raise ArgError("--api_key (or MMSERVER_API_KEY) must be non-empty, without surrounding spaces")
     if a.allowed_local_media_path is not None and not Path(a.allowed_local_media_path).is_dir():
         raise ArgError(f"--allowed_local_media_path {a.allowed_local_media_path!r} is not a directory")
     if a.device == "cuda":

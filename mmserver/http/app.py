@@ -6,11 +6,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import lightllm_api, openai_api
+from .auth import auth_middleware
 from .common import AppState, error_middleware
 
 
 def build_app(state: AppState, max_request_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_request_bytes)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=max_request_bytes)
     app["state"] = state
     lightllm_api.add_routes(app.router)
     openai_api.add_routes(app.router)

@@ -33,7 +33,12 @@ class AppState:
     health: Callable[[], str | None]  # None when healthy, else the reason
     stats: dict[str, dict]
     max_n: int = 8  # most samples (`n`) one OpenAI request may ask for
+    api_key: str | None = None  # when set, every route but /health and /metrics needs it
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+
+
+class Unauthorized(HTTPError):
+    status = 401
 
 
 def outcome_of(status: int) -> str:
@@ -47,6 +52,8 @@ def is_openai_path(path: str) -> bool:
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
@@ -54,9 +61,10 @@ def lightllm_error(status: int, message: str, param: str | None = None) -> dict:
     return {"message": message}
 
 
-def error_response(path: str, status: int, message: str, param: str | None = None) -> web.Response:
+def error_response(path: str, status: int, message: str, param: str | None = None,
+                   headers: dict | None = None) -> web.Response:
     render = openai_error if is_openai_path(path) else lightllm_error
-    return web.json_response(render(status, message, param), status=status)
+    return web.json_response(render(status, message, param), status=status, headers=headers)
 
 
 @web.middleware
@@ -70,7 +78,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except HTTPError as e:
         counters.outcome(outcome_of(e.status))
-        return error_response(request.path, e.status, e.message, getattr(e, "param", None))
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return error_response(request.path, e.status, e.message, getattr(e, "param", None), headers)
     except web.HTTPException:
         raise
     except Exception as e:  # a bug must not take the server down; the client gets a 500
