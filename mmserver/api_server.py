@@ -78,16 +78,17 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg, image_token_id: int) 
 
 
 async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special, stop_ids, ends: dict) -> None:
-    import aiohttp
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
+    from .frontend.images import MediaFetcher
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
+    from .frontend.media_policy import MediaPolicy
     from .frontend.streams import Streams
     from .http.app import build_app
     from .http.common import AppState
     loop = asyncio.get_running_loop()
-    session = aiohttp.ClientSession()
+    session = MediaFetcher(MediaPolicy.from_args(args.allowed_media_domains, args.allow_private_media_urls))
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
     max_req_len = ends["router_info"]["max_req_len"]
     model_dtype = args.compute_dtype(cfg.torch_dtype)

@@ -37,6 +37,8 @@ class ServerArgs:
     max_request_bytes: int = 256 << 20
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None  # None: any host (the address rule still applies)
+    allow_private_media_urls: bool = False
     max_waiting_requests: int = 4096
     max_n: int = 8
     api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     a("--allowed_local_media_path", default=None,
       help="directory from which {'type': 'file'} images may be read (off by default)")
+    a("--allowed_media_domains", type=_domain_list, default=None,
+      help="comma-separated hosts image URLs may name (exact, case-insensitive); default: any host")
+    a("--allow_private_media_urls", action="store_true",
+      help="let image URLs reach loopback, private, link-local and other non-public addresses (refused by default)")
     a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
     a("--max_n", type=int, default=8, help="most samples ('n') one OpenAI request may ask for; more is a 400")
     a("--api_key", default=None,
@@ -128,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _domain_list(raw: str) -> list[str]:
+    hosts = [h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip()]
+    if not hosts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of host names")
+    return hosts
 
 
 def _env_int(name: str, minimum: int = 1) -> int | None:

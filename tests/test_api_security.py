@@ -75,6 +75,40 @@ def test_probes_need_no_key(server):
     assert status == 200 and "mmserver_requests_total" in text
 
 
+# ---------------------------------------------------------------------------------------
+# Media URLs, default policy: nothing that resolves into the server's own networks
+
+
+@pytest.mark.parametrize("host,shown", [("127.0.0.1", "127.0.0.1"), ("localhost", "localhost"), ("[::1]", "::1"),
+                                        ("169.254.169.254", "169.254.169.254")])
+def test_private_media_urls_refused_by_default(server, host, shown):
+    url = f"http://{host}:9/x.png"  # nothing listens: a refusal is the policy's, not a failed connection
+    status, got, _ = call(server, "/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}, KEY)
+    assert status == 400, got
+    message = got["error"]["message"]
+    assert message.startswith(f"image 0: URL host {shown} resolves to a ") and "address" in message
+    assert message.endswith("; refused (see --allow_private_media_urls)")
+    status, got, _ = call(server, "/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+        {"type": "url", "data": url}]}}, KEY)
+    assert status == 400 and got["message"] == message
+    assert call(server, "/generate", GEN, KEY)[0] == 200
+
+
+def test_private_media_message_names_the_rule(server):
+    status, got, _ = call(server, "/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+        {"type": "url", "data": "http://127.0.0.1:9/x.png"}]}}, KEY)
+    assert status == 400 and got["message"] == ("image 0: URL host 127.0.0.1 resolves to a loopback address; "
+                                                 "refused (see --allow_private_media_urls)")
+
+
+def test_media_flags(tmp_path):
+    args = parse_args(["--model_dir", str(tmp_path), "--allowed_media_domains", "A.com, b.org.", "--allow_private_media_urls"])
+    assert args.allowed_media_domains == ["a.com", "b.org"] and args.allow_private_media_urls
+    defaults = parse_args(["--model_dir", str(tmp_path)])
+    assert defaults.allowed_media_domains is None and not defaults.allow_private_media_urls
+
+
 def test_api_key_flag_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("MMSERVER_API_KEY", raising=False)
     assert parse_args(["--model_dir", str(tmp_path)]).api_key is None

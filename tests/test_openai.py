@@ -4,6 +4,7 @@ the official `openai` client, compared with /generate and with the in-process pi
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import time
@@ -16,12 +17,14 @@ from safetensors.torch import save
 from conftest import random_image
 from mmserver import GenerationConfig
 from mmserver.models.internvl.preprocess import num_tiles, preprocess_image
-from server_util import hang_up, image_b64, shm_segments, start_server, stop_server
+from server_util import hang_up, image_b64, serve_directory, shm_segments, start_server, stop_server
 
 N = 5
 MAX_LEN = 4096  # --max_req_total_len
 FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", str(MAX_LEN),
-         "--max_images_per_request", "4", "--image_fetch_timeout", "2"]
+         "--max_images_per_request", "4", "--image_fetch_timeout", "2",
+         # image URLs from a loopback server, and only from 127.0.0.1
+         "--allow_private_media_urls", "--allowed_media_domains", "127.0.0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +236,57 @@ def test_error_shapes_per_api(server):
     status, body = server.post("/generate", {"parameters": {}})
     assert status == 400 and body == {"message": "missing 'inputs'"}
     assert server.post("/generate", {"inputs": "ok?", "parameters": {"max_new_tokens": 2}})[0] == 200
+
+
+def test_image_urls_under_the_allow_list(server, client, img, tmp_path):
+    """--allowed_media_domains 127.0.0.1 with --allow_private_media_urls: 127.0.0.1 is fetched;
+    another name for the same server, directly or by a redirect, is refused."""
+    img.save(tmp_path / "photo.png")
+    text = {"type": "text", "text": "What is it?"}
+    with serve_directory(tmp_path) as base:
+        port = base.rsplit(":", 1)[1]
+        by_url = chat(client, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{base}/photo.png"}}, text]}])
+        by_data = chat(client, [{"role": "user", "content": [image_part(img), text]}])
+        assert by_url.choices[0].message.content == by_data.choices[0].message.content
+        status, body = server.post("/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"http://localhost:{port}/photo.png"}}, text]}]})
+        assert status == 400, body
+        assert body["error"]["message"] == "image 0: URL host localhost is not in --allowed_media_domains; refused"
+    with serve_redirect(f"http://localhost:{port}/photo.png") as start:
+        status, body = server.post("/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "url", "data": start}]}})
+        assert status == 400, body
+        assert body["message"] == (f"image 0: redirect 1 to http://localhost:{port}/photo.png: URL host localhost "
+                                   f"is not in --allowed_media_domains; refused")
+    assert server.post("/generate", {"inputs": "fine", "parameters": {"max_new_tokens": 2}})[0] == 200
+
+
+@contextlib.contextmanager
+def serve_redirect(location: str):
+    """A loopback server answering every GET with a 302 to `location`."""
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/image.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------
