@@ -1,11 +1,11 @@
-"""The aiohttp application: both route modules on one app, behind one error middleware
+"""The aiohttp application: the route modules on one app, behind one error middleware
 (aiohttp runs a parent app's middlewares on sub-app routes too, so there are no sub-apps)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from . import lightllm_api, openai_api
+from . import completions, lightllm_api, openai_api
 from .auth import auth_middleware
 from .common import AppState, error_middleware
 
@@ -15,4 +15,5 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     app["state"] = state
     lightllm_api.add_routes(app.router)
     openai_api.add_routes(app.router)
+    completions.add_routes(app.router)
     return app
