@@ -19,6 +19,7 @@ setup(
         "aiohttp>=3.9",
         "uvloop>=0.19",
         "rpyc>=6.0",
+        "prometheus-client>=0.20",
     ],
     extras_require={"test": ["pytest>=8"], "triton": ["triton>=3.0"]},
 )

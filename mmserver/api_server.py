@@ -79,16 +79,18 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
 
 
 async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special, stop_ids, ends: dict) -> None:
-    import aiohttp
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
+    from .frontend.images import MediaFetcher
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
+    from .frontend.media_policy import MediaPolicy
     from .frontend.streams import Streams
-    from .http.server import AppState, build_app
+    from .http.app import build_app
+    from .http.common import AppState
     from .ipc import Failure, Outputs, RouterStats, VisualStats
     loop = asyncio.get_running_loop()
-    session = aiohttp.ClientSession()
+    session = MediaFetcher(MediaPolicy.from_args(args.allowed_media_domains, args.allow_private_media_urls))
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
     max_req_len = ends["router_info"]["max_req_len"]
     model_dtype = args.compute_dtype(cfg.torch_dtype)
@@ -125,7 +127,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
                      max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
-                     health=health, stats=stats)
+                     health=health, stats=stats, max_n=args.max_n, api_key=args.api_key)
     app = build_app(state, args.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()

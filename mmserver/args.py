@@ -37,7 +37,11 @@ class ServerArgs:
     max_request_bytes: int = 256 << 20
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None  # None: any host (the address rule still applies)
+    allow_private_media_urls: bool = False
     max_waiting_requests: int = 4096
+    max_n: int = 8
+    api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
     overlap_schedule: str = "auto"
     log_level: str = "info"
     # From the environment (LightLLM's names), checked here so a bad value stops the start with
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmserver.api_server",
         description="Serve an InternVL checkpoint over HTTP (LightLLM-compatible /generate, OpenAI-compatible /v1).",
-        epilog="Environment: INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
+        epilog="Environment: MMSERVER_API_KEY (the API key when --api_key is not given), INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
                "LOADWORKER (threads reading weight shards), MAX_PATCH_NUM (default tile cap per image).")
     a = p.add_argument
     a("--model_dir", required=True, help="checkpoint directory (original or transformers InternVL layout)")
@@ -117,11 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     a("--allowed_local_media_path", default=None,
       help="directory from which {'type': 'file'} images may be read (off by default)")
+    a("--allowed_media_domains", type=_domain_list, default=None,
+      help="comma-separated hosts image URLs may name (exact, case-insensitive); default: any host")
+    a("--allow_private_media_urls", action="store_true",
+      help="let image URLs reach loopback, private, link-local and other non-public addresses (refused by default)")
     a("--max_waiting_requests", type=int, default=4096, help="requests in flight beyond this get 503")
+    a("--max_n", type=int, default=8, help="most samples ('n') one OpenAI request may ask for; more is a 400")
+    a("--api_key", default=None,
+      help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+           "(default: the MMSERVER_API_KEY environment variable, which keeps the key out of the process list)")
     a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _domain_list(raw: str) -> list[str]:
+    hosts = [h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip()]
+    if not hosts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of host names")
+    return hosts
 
 
 def _env_int(name: str, minimum: int = 1) -> int | None:
@@ -145,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     args.image_length = _env_int("INTERNVL_IMAGE_LENGTH")
     args.load_workers = _env_int("LOADWORKER") or 1
     args.max_patch_num = _env_int("MAX_PATCH_NUM")
+    if args.api_key is None:
+        args.api_key = os.environ.get("MMSERVER_API_KEY") or None
     check_args(args)
     return args
 
@@ -156,7 +177,8 @@ def check_args(a: ServerArgs) -> None:
                 "--visual_infer_batch_size": a.visual_infer_batch_size, "--cache_capacity": a.cache_capacity,
                 "--visual_dp": a.visual_dp, "--visual_tp": a.visual_tp, "--port": a.port,
                 "--max_images_per_request": a.max_images_per_request, "--max_image_bytes": a.max_image_bytes,
-                "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes}
+                "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes,
+                "--max_n": a.max_n}
     for name, value in positive.items():
         if value < 1:
             raise ArgError(f"{name} must be >= 1, got {value}")
@@ -168,6 +190,8 @@ def check_args(a: ServerArgs) -> None:
         raise ArgError(f"--mem_fraction must be in (0, 1], got {a.mem_fraction}")
     if a.image_fetch_timeout <= 0 or a.cache_wait_s < 0:
         raise ArgError("--image_fetch_timeout must be > 0 and --cache_wait_s >= 0")
+    if a.api_key is not None and (not a.api_key.strip() or a.api_key != a.api_key.strip()):
+        raise ArgError("--api_key (or MMSERVER_API_KEY) must be non-empty, without surrounding spaces")
     if a.allowed_local_media_path is not None and not Path(a.allowed_local_media_path).is_dir():
         raise ArgError(f"--allowed_local_media_path {a.allowed_local_media_path!r} is not a directory")
     if a.device == "cuda":

@@ -4,6 +4,7 @@ the official `openai` client, compared with /generate and with the in-process pi
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import time
@@ -16,12 +17,14 @@ from safetensors.torch import save
 from conftest import random_image
 from mmserver import GenerationConfig
 from mmserver.models.internvl.preprocess import num_tiles, preprocess_image
-from server_util import hang_up, image_b64, shm_segments, start_server, stop_server
+from server_util import hang_up, image_b64, serve_directory, shm_segments, start_server, stop_server
 
 N = 5
 MAX_LEN = 4096  # --max_req_total_len
 FLAGS = ["--enable_multimodal", "--max_total_token_num", "30000", "--max_req_total_len", str(MAX_LEN),
-         "--max_images_per_request", "4", "--image_fetch_timeout", "2"]
+         "--max_images_per_request", "4", "--image_fetch_timeout", "2",
+         # image URLs from a loopback server, and only from 127.0.0.1
+         "--allow_private_media_urls", "--allowed_media_domains", "127.0.0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,10 @@ def test_stream_equals_non_stream(server, client, pipe, img):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     body, usage = chunks[:-1], chunks[-1]
-    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    full = ""
+    for c in body:  # every chunk with a choice carries content as a string, the last one too
+        full += c.choices[0].delta.content
+    assert full == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in body] == [None] * (len(body) - 1) + ["length"]
     assert usage.choices == [] and usage.usage.completion_tokens == N
     assert usage.usage.prompt_tokens == whole.usage.prompt_tokens
@@ -112,6 +118,21 @@ def test_stream_equals_non_stream(server, client, pipe, img):
     assert plain[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in plain)
     status, events = sse(server, {"messages": messages, "max_tokens": 2, "stream": True})
     assert status == 200 and events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"]
+    assert all(isinstance(json.loads(e)["choices"][0]["delta"]["content"], str) for e in events[:-1])
+
+
+def test_stream_stops_like_non_stream(client):
+    """A stop string: same text and finish_reason streamed or not."""
+    messages = [{"role": "user", "content": "Say something long."}]
+    free = chat(client, messages, max_tokens=12).choices[0].message.content
+    stop = free[5:7]
+    whole = chat(client, messages, max_tokens=12, stop=[stop])
+    full, reasons = "", []
+    for c in chat(client, messages, max_tokens=12, stop=[stop], stream=True):
+        full += c.choices[0].delta.content
+        reasons.append(c.choices[0].finish_reason)
+    assert whole.choices[0].finish_reason == "stop" and reasons[-1] == "stop"
+    assert full == whole.choices[0].message.content == free[:free.index(stop)]
 
 
 def sse(server, body: dict) -> tuple[int, list[str]]:
@@ -179,7 +200,9 @@ BAD = {
         "url": "http://127.0.0.1:9/x.png"}}]}]}, "image 0: cannot fetch", None),
     "unknown_part": ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
                      "content[0].type 'audio' is not one of", "messages[0].content[0].type"),
-    "n_2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "'n' must be 1, got 2", "n"),
+    "n_over_max": ({"messages": [{"role": "user", "content": "hi"}], "n": 9},
+                   "'n' must be an integer in [1, 8] (--max_n), got 9", "n"),
+    "n_zero": ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "'n' must be an integer", "n"),
     "bad_temperature": ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
                         "'temperature' must be a", "temperature"),
     "unsupported_tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
@@ -202,8 +225,152 @@ def test_malformed_requests(server, name):
 
 def test_client_sees_bad_request(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], n=9)
     assert e.value.status_code == 400 and e.value.body["param"] == "n"
+
+
+def test_error_shapes_per_api(server):
+    """One error middleware: the OpenAI shape under /v1, LightLLM's elsewhere."""
+    status, body = server.post("/v1/chat/completions", {"messages": []})
+    assert status == 400 and set(body) == {"error"} and body["error"]["param"] == "messages"
+    status, body = server.post("/generate", {"parameters": {}})
+    assert status == 400 and body == {"message": "missing 'inputs'"}
+    assert server.post("/generate", {"inputs": "ok?", "parameters": {"max_new_tokens": 2}})[0] == 200
+
+
+def test_image_urls_under_the_allow_list(server, client, img, tmp_path):
+    """--allowed_media_domains 127.0.0.1 with --allow_private_media_urls: 127.0.0.1 is fetched;
+    another name for the same server, directly or by a redirect, is refused."""
+    img.save(tmp_path / "photo.png")
+    text = {"type": "text", "text": "What is it?"}
+    with serve_directory(tmp_path) as base:
+        port = base.rsplit(":", 1)[1]
+        by_url = chat(client, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{base}/photo.png"}}, text]}])
+        by_data = chat(client, [{"role": "user", "content": [image_part(img), text]}])
+        assert by_url.choices[0].message.content == by_data.choices[0].message.content
+        status, body = server.post("/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"http://localhost:{port}/photo.png"}}, text]}]})
+        assert status == 400, body
+        assert body["error"]["message"] == "image 0: URL host localhost is not in --allowed_media_domains; refused"
+    with serve_redirect(f"http://localhost:{port}/photo.png") as start:
+        status, body = server.post("/generate", {"inputs": "<image>", "multimodal_params": {"images": [
+            {"type": "url", "data": start}]}})
+        assert status == 400, body
+        assert body["message"] == (f"image 0: redirect 1 to http://localhost:{port}/photo.png: URL host localhost "
+                                   f"is not in --allowed_media_domains; refused")
+    assert server.post("/generate", {"inputs": "fine", "parameters": {"max_new_tokens": 2}})[0] == 200
+
+
+@contextlib.contextmanager
+def serve_redirect(location: str):
+    """A loopback server answering every GET with a 302 to `location`."""
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/image.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+# ---------------------------------------------------------------------------------------
+# n samples
+
+
+SAY = [{"role": "user", "content": "Tell me a story."}]
+
+
+def test_n_seeded_samples_are_reproducible(client):
+    r = chat(client, SAY, n=3, seed=11, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1  # independent samples (random weights: near-uniform tokens)
+    again = chat(client, SAY, n=3, seed=11, temperature=1.0)
+    assert [c.message.content for c in again.choices] == texts
+    # choice i is the sample of seed + i
+    assert chat(client, SAY, seed=12, temperature=1.0).choices[0].message.content == texts[1]
+    single = chat(client, SAY, seed=11, temperature=1.0)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert r.usage.completion_tokens == 3 * N and r.usage.total_tokens == r.usage.prompt_tokens + 3 * N
+
+
+def test_n_streamed_equals_non_streamed(client):
+    whole = chat(client, SAY, n=2, seed=5, temperature=1.0)
+    texts, reasons, usage = ["", ""], [None, None], None
+    for c in chat(client, SAY, n=2, seed=5, temperature=1.0, stream=True, stream_options={"include_usage": True}):
+        if not c.choices:
+            usage = c.usage
+            continue
+        choice = c.choices[0]
+        texts[choice.index] += choice.delta.content
+        reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == ["length", "length"]
+    assert usage.completion_tokens == 2 * N and usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_unseeded_samples_differ(client):
+    r = chat(client, SAY, n=3, temperature=1.0)
+    assert len({c.message.content for c in r.choices}) > 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_all_n(server, stream):
+    body = json.dumps({"messages": SAY, "n": 3, "max_tokens": 3000, "ignore_eos": True, "stream": stream})
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = None
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    else:
+        assert server.wait_metric("mmserver_requests_in_flight", 3) == 3
+    hang_up(conn, resp)
+    assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
+    assert server.wait_metric("mmserver_kv_slots_used", 0) == 0
+    assert server.post("/v1/chat/completions", {"messages": SAY, "max_tokens": 2})[0] == 200
+
+
+# ---------------------------------------------------------------------------------------
+# /metrics histograms
+
+HISTOGRAMS = ("mmserver_time_to_first_token_seconds", "mmserver_time_per_output_token_seconds",
+              "mmserver_e2e_request_latency_seconds", "mmserver_request_queue_time_seconds",
+              "mmserver_request_prompt_tokens", "mmserver_request_generation_tokens")
+
+
+def test_request_histograms(server, client):
+    assert server.wait_metric("mmserver_requests_in_flight", 0) == 0
+    before = server.metrics()
+    for k in range(3):
+        chat(client, [{"role": "user", "content": f"count {k}"}], max_tokens=3)
+    after = server.metrics()
+    for name in HISTOGRAMS:
+        assert after[f"{name}_count"] - before.get(f"{name}_count", 0) == 3, name
+        buckets = [(float(key.split('le="')[1].rstrip('"}')), v) for key, v in after.items()
+                   if key.startswith(f"{name}_bucket{{")]
+        counts = [v for _, v in sorted(buckets)]
+        assert len(counts) > 3 and counts == sorted(counts) and counts[-1] == after[f"{name}_count"], name
+    assert after["mmserver_request_generation_tokens_sum"] - before["mmserver_request_generation_tokens_sum"] == 9
+    for name in ("mmserver_requests_total{outcome=\"ok\"}", "mmserver_kv_slots_total", "mmserver_queue_length",
+                 "mmserver_embed_cache_hits_total", 'mmserver_ttft_stage_requests_total{stage="total"}'):
+        assert name in after, name
 
 
 # ---------------------------------------------------------------------------------------

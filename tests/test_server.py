@@ -21,7 +21,8 @@ N = 6
 CPU_FLAGS = ["--enable_multimodal", "--max_total_token_num", "40000", "--max_req_total_len", "8192",
              "--running_max_req_size", "48", "--max_images_per_request", "3", "--max_image_bytes", "3000000",
              "--image_fetch_timeout", "1", "--visual_infer_batch_size", "4",
-             "--overlap_schedule", "on"]  # the GPU default, so these tests cover it
+             "--overlap_schedule", "on",  # the GPU default, so these tests cover it
+             "--allow_private_media_urls"]  # the image URLs below are served from loopback
 
 
 @pytest.fixture(scope="module")

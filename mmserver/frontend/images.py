@@ -1,5 +1,6 @@
-"""Image intake for the HTTP server: bytes from base64, http(s) URLs or allowed local files,
-checked, hashed and measured without blocking the event loop.
+"""Image intake for the HTTP server: bytes from base64, http(s) URLs (under the server's
+`MediaPolicy`) or allowed local files, checked, hashed and measured without blocking the
+event loop.
 
 Only the header is read here (size, format): the pixels are decoded once, by the ViT worker,
 which reports a corrupt or truncated body as a 400 for the request too (see visual/server.py)."""
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import yarl
 from PIL import Image
 
 from .b64 import b64decode_strict
 from .errors import BadRequest, TooLarge
+from .media_policy import Lookup, MediaPolicy, MediaURLRefused, PolicyResolver, system_lookup
 
 
 @dataclass
@@ -37,26 +40,89 @@ def _decode_base64(data: str, index: int) -> bytes:
         raise BadRequest(f"image {index}: invalid base64 data ({e})") from None
 
 
-async def fetch_url(session: aiohttp.ClientSession, url: str, index: int, timeout: float, max_bytes: int) -> bytes:
-    if not url.startswith(("http://", "https://")):
-        raise BadRequest(f"image {index}: URL must be http(s), got {url[:64]!r}")
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 3
+
+
+class MediaFetcher:
+    """Fetches image URLs under a `MediaPolicy`: the host rules before each request, the
+    address rule in the connection's resolver, and redirects followed by hand (at most
+    `MAX_REDIRECTS`) so every hop passes both."""
+
+    def __init__(self, policy: MediaPolicy, lookup: Lookup = system_lookup):
+        self.policy = policy
+        # trust_env=False (the default): no proxy from the environment, whose address the policy would not see
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=PolicyResolver(policy, lookup)))
+
+    async def fetch(self, url: str, index: int, timeout: float, max_bytes: int) -> bytes:
+        try:  # one deadline for every hop
+            return await asyncio.wait_for(self._fetch(url, index, max_bytes), timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"image {index}: fetching {url[:200]} timed out after {timeout:g}s") from None
+        except aiohttp.ClientError as e:
+            refused = _refusal(e)
+            if refused is not None:
+                raise BadRequest(f"image {index}: {refused}") from None
+            raise BadRequest(f"image {index}: cannot fetch {url[:200]} ({type(e).__name__}: {e})") from None
+
+    async def _fetch(self, url: str, index: int, max_bytes: int) -> bytes:
+        where = ""  # names the hop in errors after a redirect
+        for hop in range(MAX_REDIRECTS + 1):
+            try:
+                target = yarl.URL(url)
+            except ValueError as e:
+                raise BadRequest(f"image {index}: {where}invalid URL {url[:64]!r} ({e})") from None
+            if target.scheme not in ("http", "https") or not target.raw_host:
+                raise BadRequest(f"image {index}: {where}URL must be http(s), got {url[:64]!r}")
+            try:
+                self.policy.check_host(target.raw_host)
+                async with self.session.get(target, allow_redirects=False) as resp:
+                    if resp.status in _REDIRECTS and hop < MAX_REDIRECTS:
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise BadRequest(f"image {index}: {where}HTTP {resp.status} without a Location header")
+                        url = _join(target, location)
+                        where = f"redirect {hop + 1} to {url[:200]}: "
+                        continue
+                    if resp.status in _REDIRECTS:
+                        raise BadRequest(f"image {index}: more than {MAX_REDIRECTS} redirects")
+                    if resp.status != 200:
+                        raise BadRequest(f"image {index}: {where}fetching {url[:200]} returned HTTP {resp.status}")
+                    return await _read_body(resp, index, max_bytes)
+            except MediaURLRefused as e:
+                raise BadRequest(f"image {index}: {where}{e}") from None
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def _join(base: yarl.URL, location: str) -> str:
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                raise BadRequest(f"image {index}: fetching {url[:200]} returned HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > max_bytes:
-                raise TooLarge(f"image {index}: {resp.content_length} bytes exceeds the {max_bytes}-byte limit")
-            chunks, total = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise TooLarge(f"image {index}: more than the {max_bytes}-byte limit")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except asyncio.TimeoutError:
-        raise BadRequest(f"image {index}: fetching {url[:200]} timed out after {timeout:g}s") from None
-    except aiohttp.ClientError as e:
-        raise BadRequest(f"image {index}: cannot fetch {url[:200]} ({type(e).__name__}: {e})") from None
+        return str(base.join(yarl.URL(location)))
+    except ValueError:
+        return location  # refused as an invalid URL by the next hop
+
+
+def _refusal(e: BaseException) -> str | None:
+    """The policy's message, if the resolver refused the host inside aiohttp's connector."""
+    while e is not None:
+        if isinstance(e, MediaURLRefused):
+            return str(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+async def _read_body(resp: aiohttp.ClientResponse, index: int, max_bytes: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise TooLarge(f"image {index}: {resp.content_length} bytes exceeds the {max_bytes}-byte limit")
+    chunks, total = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(f"image {index}: more than the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def read_local(path: str, index: int, allowed_dir: str | None, max_bytes: int) -> bytes:
@@ -109,11 +175,12 @@ def is_inline(spec_type: str, data: str) -> bool:
     return spec_type == "base64" or (spec_type == "url" and data.startswith("data:"))
 
 
-async def load(spec_type: str, data: str, index: int, *, session: aiohttp.ClientSession, timeout: float,
+async def load(spec_type: str, data: str, index: int, *, session: MediaFetcher, timeout: float,
                max_bytes: int, allowed_dir: str | None) -> bytes:
-    """The bytes of an image that is not inline: an http(s) URL or an allowed local file."""
+    """The bytes of an image that is not inline: an http(s) URL (fetched by `session`, the
+    server's MediaFetcher) or an allowed local file."""
     if spec_type == "url":
-        raw = await fetch_url(session, data, index, timeout, max_bytes)
+        raw = await session.fetch(data, index, timeout, max_bytes)
     elif spec_type == "file":
         raw = await asyncio.to_thread(read_local, data, index, allowed_dir, max_bytes)
     else:

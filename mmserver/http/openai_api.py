@@ -1,15 +1,16 @@
-"""OpenAI-compatible routes: POST /v1/chat/completions and GET /v1/models.
+"""OpenAI-compatible chat routes: POST /v1/chat/completions and GET /v1/models.
 
 A chat request becomes the /generate path's pieces: the prompt rendered with the model's
 own chat template (image parts become `<image>` where they stand), one ImageSpec per image
 part, and parameters checked by the same `parse_parameters` / `sampling_params`; it then
-runs through `server.prepare` and the same output streams. Errors use OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`.
+runs through `requests.prepare` and the same output streams. Errors use OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` (rendered by `common.error_middleware`).
 
 Where OpenAI's API leaves room (documented in the README):
 - greedy unless `temperature` > 0 is given (OpenAI's default is 1): exact, reproducible
   answers by default; `top_p` applies only when sampling;
 - no `max_tokens`: generate until a stop token or until max_req_total_len is full;
+- `n` > 1: n engine requests; with a `seed` s, choice i uses seed s + i;
 - `image_url.max_dynamic_patch`: a per-image tile cap (LMDeploy's extension);
 - `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings;
 - vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens.
@@ -18,8 +19,6 @@ Where OpenAI's API leaves room (documented in the README):
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,39 +26,29 @@ from typing import Any
 
 from aiohttp import web
 
-from ..frontend.errors import BadRequest, HTTPError
 from ..frontend.streams import TokenEvent
 from ..models.internvl.prompt import PromptError, get_template
-from .schemas import GenerateRequest, ImageSpec, ParamError, check_image_count, parse_parameters, sampling_params
-from .server import AppState, error_middleware, json_body, prepare
-
-log = logging.getLogger("mmserver.http")
+from .common import AppState, json_body
+from .openai_common import (PARAM_NAMES, InvalidRequest, check_fields, check_model, finish_reason, parse_n,
+                            sampling, stream_options, stream_sse, usage)
+from .requests import Submission, merged, prepare
+from .schemas import GenerateRequest, ImageSpec, check_image_count
 
 STARTED = int(time.time())
 
-# OpenAI (and vLLM-extension) name → /generate parameter name
-_PARAM_NAMES = {
-    "max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "temperature": "temperature",
-    "top_p": "top_p", "stop": "stop_sequences", "seed": "seed", "frequency_penalty": "frequency_penalty",
-    "presence_penalty": "presence_penalty", "n": "n", "top_k": "top_k", "repetition_penalty": "repetition_penalty",
-    "min_tokens": "min_new_tokens", "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
-}
-_FIELDS = {"messages", "model", "stream", "stream_options", *_PARAM_NAMES}
+# max_completion_tokens is listed first: it wins over max_tokens
+_PARAM_NAMES = {"max_completion_tokens": "max_new_tokens", **PARAM_NAMES}
+_FIELDS = {"messages", "model", "stream", "stream_options", "n", *_PARAM_NAMES}
 # Accepted and ignored: they do not change what is generated.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _ROLES = ("system", "developer", "user", "assistant")
 _PART_TYPES = ("text", "image_url", "image_embeds")
 
 
-class InvalidRequest(BadRequest):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 @dataclass
 class ChatRequest:
     generate: GenerateRequest
+    n: int
     stream: bool
     include_usage: bool
     fit_to_context: bool  # no max_tokens given: use the room the prompt leaves
@@ -72,10 +61,10 @@ class ChatRequest:
 def parse_chat(body: Any, state: AppState) -> ChatRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
-    _check_fields(body)
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise InvalidRequest("'model' must be a string", "model")
-    stream, include_usage = _stream_options(body)
+    check_fields(body, _FIELDS, _IGNORED)
+    check_model(body)
+    stream, include_usage = stream_options(body)
+    n = parse_n(body, state.max_n)
     messages, images = parse_messages(body.get("messages"))
     check_image_count(len(images), state.max_images)
     try:
@@ -83,48 +72,10 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     except PromptError as e:
         raise InvalidRequest(str(e), "messages") from None
     fit = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
-    params, skip_special = _sampling(body, state.stop_token_ids, state.intake.limits.max_req_len)
+    # without max_tokens: lowered to the prompt's room in prepare()
+    params, skip_special = sampling(body, _PARAM_NAMES, state.stop_token_ids, state.intake.limits.max_req_len)
     req = GenerateRequest(inputs=prompt, params=params, images=images, skip_special_tokens=skip_special)
-    return ChatRequest(req, stream, include_usage, fit)
-
-
-def _check_fields(body: dict) -> None:
-    # A field we do not implement must not be silently dropped if it would change the answer.
-    unsupported = sorted(k for k, v in body.items()
-                         if k not in _FIELDS and k not in _IGNORED and v is not None and v is not False)
-    if unsupported:
-        raise InvalidRequest(f"unsupported parameter(s): {', '.join(unsupported)}", unsupported[0])
-
-
-def _stream_options(body: dict) -> tuple[bool, bool]:
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest(f"'stream' must be a boolean, got {stream!r}", "stream")
-    opts = body.get("stream_options")
-    if opts is None:
-        return bool(stream), False
-    if not stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-        raise InvalidRequest("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
-    return True, opts.get("include_usage", False)
-
-
-def _sampling(body: dict, stop_token_ids: list[int], max_req_len: int):
-    """OpenAI fields → /generate parameters, validated by the /generate code; errors name
-    the OpenAI field."""
-    raw, given = {}, {}
-    for name, internal in _PARAM_NAMES.items():
-        if body.get(name) is not None and internal not in raw:  # max_completion_tokens wins over max_tokens
-            raw[internal], given[internal] = body[name], name
-    raw.setdefault("max_new_tokens", max_req_len)  # lowered to the prompt's room in prepare()
-    try:
-        p = parse_parameters(raw)
-        p["do_sample"] = "temperature" in raw and p["temperature"] > 0
-        return sampling_params(p, stop_token_ids), p["skip_special_tokens"]
-    except ParamError as e:
-        name = given.get(e.param, e.param)
-        raise InvalidRequest(f"'{name}' {e.detail}", name) from None
+    return ChatRequest(req, n, stream, include_usage, fit)
 
 
 def parse_messages(raw: Any) -> tuple[list[dict], list[ImageSpec]]:
@@ -204,84 +155,66 @@ def _embeds_spec(value: Any, at: str) -> ImageSpec:
 
 
 @dataclass
-class _Completion:
+class _Chat:
     id: str
     created: int
     model: str
     prompt_tokens: int
+    include_usage: bool = False
 
-    def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
-
-    def chunk(self, delta: dict, finish_reason: str | None = None, include_usage: bool = False) -> dict:
+    def chunk(self, index: int, delta: dict, reason: str | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if include_usage:
+               "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        if self.include_usage:
             out["usage"] = None  # only the last chunk carries usage
         return out
-
-
-def _finish_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: AppState = request.config_dict["state"]
     chat = parse_chat(await json_body(request), state)
-    serve, refs = await prepare(state, chat.generate, fit_to_context=chat.fit_to_context,
-                                arrival=request.get("arrival"))
-    done = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name, len(serve.input_ids))
-    # The stream starts at once in either branch, so it always releases the references.
-    events = state.streams.run(serve, refs, chat.generate.skip_special_tokens)
-    if chat.stream:
-        return await _stream(request, state, events, done, chat.include_usage)
-    return await _complete(state, events, done)
+    subs = await prepare(state, chat.generate, n=chat.n, fit_to_context=chat.fit_to_context,
+                         arrival=request.get("arrival"))
+    done = _Chat(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name, len(subs[0].serve.input_ids),
+                 chat.include_usage)
+    # Started at once in either branch, so the streams always release the references.
+    async with contextlib.aclosing(merged(state, subs)) as events:
+        if chat.stream:
+            return await _stream(request, state, events, done, len(subs))
+        return await _complete(state, events, done, subs)
 
 
-async def _complete(state: AppState, events, done: _Completion) -> web.Response:
-    last: TokenEvent | None = None
-    async with contextlib.aclosing(events):
-        async for ev in events:
-            last = ev
+async def _complete(state: AppState, events, done: _Chat, subs: list[Submission]) -> web.Response:
+    last: dict[int, TokenEvent] = {}
+    async for i, ev in events:
+        last[i] = ev
     state.streams.counters.outcome("ok")
-    return web.json_response({
-        "id": done.id, "object": "chat.completion", "created": done.created, "model": done.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": last.full_text},
-                     "logprobs": None, "finish_reason": _finish_reason(last.finish_reason)}],
-        "usage": done.usage(last.count)})
+    choices = [{"index": i, "message": {"role": "assistant", "content": last[i].full_text},
+                "logprobs": None, "finish_reason": finish_reason(last[i].finish_reason)} for i in range(len(subs))]
+    return web.json_response({"id": done.id, "object": "chat.completion", "created": done.created,
+                              "model": done.model, "choices": choices,
+                              "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()))})
 
 
-async def _stream(request: web.Request, state: AppState, events, done: _Completion,
-                  include_usage: bool) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+async def _stream(request: web.Request, state: AppState, events, done: _Chat, n: int) -> web.StreamResponse:
+    counts = [0] * n
 
-    async def send(payload: Any) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        await resp.write(f"data: {data}\n\n".encode())
+    def start() -> list[dict]:
+        return [done.chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
 
-    async with contextlib.aclosing(events):
-        ev = await anext(events)  # errors before the first token still get a proper status
-        await resp.prepare(request)
-        await send(done.chunk({"role": "assistant", "content": ""}, include_usage=include_usage))
-        while True:
-            if ev.text:
-                await send(done.chunk({"content": ev.text}, include_usage=include_usage))
-            if ev.finished:
-                await send(done.chunk({}, _finish_reason(ev.finish_reason), include_usage))
-                if include_usage:
-                    await send({"id": done.id, "object": "chat.completion.chunk", "created": done.created,
-                                "model": done.model, "choices": [], "usage": done.usage(ev.count)})
-                break
-            try:
-                ev = await anext(events)
-            except HTTPError as e:  # a worker failed mid-stream: tell the client in-band
-                await send(error_body(e.status, e.message))
-                break
-    await send("[DONE]")
-    state.streams.counters.outcome("ok")
-    await resp.write_eof()
-    return resp
+    def on_event(i: int, ev: TokenEvent) -> list[dict]:
+        counts[i] = ev.count
+        if ev.finished:  # the last text rides with the finish reason; content is always a string
+            return [done.chunk(i, {"content": ev.text}, finish_reason(ev.finish_reason))]
+        return [done.chunk(i, {"content": ev.text})] if ev.text else []
+
+    def end() -> list[dict]:
+        if not done.include_usage:
+            return []
+        return [{"id": done.id, "object": "chat.completion.chunk", "created": done.created, "model": done.model,
+                 "choices": [], "usage": usage(done.prompt_tokens, sum(counts))}]
+
+    return await stream_sse(request, state, events, start, on_event, end)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -291,21 +224,6 @@ async def models(request: web.Request) -> web.Response:
          "max_model_len": state.intake.limits.max_req_len}]})
 
 
-# ---------------------------------------------------------------------------------------
-# Errors and the sub-application
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-openai_errors = error_middleware(error_body)
-
-
-def openai_app() -> web.Application:
-    """The /v1 routes, mounted by `server.build_app`; they find AppState in the parent app."""
-    app = web.Application(middlewares=[openai_errors])
-    app.router.add_post("/chat/completions", chat_completions)
-    app.router.add_get("/models", models)
-    return app
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/v1/chat/completions", chat_completions)
+    router.add_get("/v1/models", models)

@@ -58,6 +58,7 @@ class GenerateRequest:
     image_max_patch_num: int = -1
     return_details: bool = False
     skip_special_tokens: bool = True
+    input_ids: list[int] | None = None  # a prompt given as token ids (OpenAI completions): not tokenized again
 
 
 def _type_name(types: tuple[type, ...]) -> str:
