@@ -68,7 +68,7 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
         ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
     init = f"file://{cluster.workdir}/llm.init"
     cluster.spawn("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
-                  from_visual=visual_to_router_r, to_http=router_to_http_w,
+                  from_visual=visual_to_router_r if args.enable_multimodal else None, to_http=router_to_http_w,
                   init_method=init)
     for r in range(1, args.tp):
         cluster.spawn(f"model{r}", run_model_worker, args.log_level, args=args, tp_rank=r, init_method=init)

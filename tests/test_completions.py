@@ -15,8 +15,8 @@ MAX_LEN = 2048
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    # --enable_multimodal: without it the server is unhealthy at start (router gone), a bug outside HTTP
-    srv = start_server(ckpt, "--enable_multimodal", "--max_total_token_num", "16384",
+    # Text only (no --enable_multimodal): completions take no images, and this is the text-only server's test
+    srv = start_server(ckpt, "--max_total_token_num", "16384",
                        "--max_req_total_len", str(MAX_LEN), log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     stop_server(srv)
@@ -194,3 +194,10 @@ def test_harmless_fields_ignored(client):
 def test_default_max_tokens_is_16(client):
     r = client.completions.create(model="any", prompt=PROMPT, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_text_only_server_is_healthy(server):
+    """Without --enable_multimodal there is no visual process; the router must not take the
+    unused visual pipe's EOF for a dead server (it exited, and /health said so)."""
+    status, body = server.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ok", body

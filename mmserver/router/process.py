@@ -116,7 +116,7 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     return cfg, llm, tp, engine_cfg, dtype
 
 
-def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
+def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection | None, to_http: Connection,
                init_method: str = "") -> None:
     """Process entry (tp rank 0): load the LLM, size the KV pool, report ready, then loop forever."""
     from ..engine.tp import TPLeader
@@ -127,7 +127,8 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
     router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
-        serve_forever(router, [from_http, from_visual])
+        # A text-only server has no visual process: its pipe would read as closed at once.
+        serve_forever(router, [c for c in (from_http, from_visual) if c is not None])
     finally:
         if tp.size > 1:
             model.stop()
