@@ -18,11 +18,13 @@ import torch.multiprocessing as mp
 
 from mmserver import pipeline
 from mmserver.engine.cuda_graphs import (ALIGN, DEFAULT_SIZES, DecodeGraphs, HostBatch, InputBuffers, PadValues,
-                                         copy_into_static, graph_sizes, graphs_enabled, pad_decode)
+                                         graph_sizes, graphs_enabled, pad_decode)
 from mmserver.engine.engine import Engine, EngineConfig
-from mmserver.engine.kv_pool import KVPool, KVPoolExhausted, TokenTable
+from mmserver.engine.kv_pool import KVPool, KVPoolExhausted, TokenTable, allocate_kv
 from mmserver.engine.sampling import SamplingParams
-from mmserver.engine.tp import TPLeader, destroy_tp, follow, init_tp
+from mmserver.engine.tp import TPLeader, follow
+from mmserver.models.llm.decoder import ForwardBatch
+from mmserver.models.parallel import destroy_tp, init_tp
 from mmserver.models.internvl.model import InternVLModel
 
 from conftest import random_image
@@ -65,9 +67,12 @@ def test_switch(monkeypatch):
     assert graphs_enabled(True, cuda)
     assert not graphs_enabled(False, cuda)
     assert not graphs_enabled(True, torch.device("cpu"))
-    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "0")
-    assert not graphs_enabled(True, cuda)
     assert EngineConfig().cuda_graphs
+    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "0")  # read once, when the config is built
+    assert not EngineConfig().cuda_graphs and not EngineConfig(cuda_graphs=True).cuda_graphs
+    config = EngineConfig(cuda_graphs=False)
+    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "1")
+    assert not config.cuda_graphs and EngineConfig().cuda_graphs
 
 
 def _decode_host_batch(b: int, width: int = 32) -> HostBatch:
@@ -127,6 +132,33 @@ def test_pack_round_trip_and_growth():
     fixed = InputBuffers("cpu", capacity=64, growable=False)
     with pytest.raises(ValueError, match="static inputs"):
         fixed.pack(mixed)
+
+
+# Per-row fields of a decode batch; cu_q and logit_rows are aranges, fixed in the static inputs.
+_ROW_FIELDS = ("input_ids", "positions", "slots", "req_rows", "prefix_lens", "seq_lens")
+
+
+@torch.inference_mode()  # the static inputs are created in inference mode
+def copy_into_static(static: ForwardBatch, batch: ForwardBatch, pad: PadValues) -> None:
+    """Copy a device decode batch of B rows into a larger static batch: rows [:B] from `batch`,
+    rows [B:] reset to pad values (stale rows would write K/V into slots requests now own)."""
+    n = batch.req_rows.numel()
+    fills = {"positions": pad.position, "slots": pad.slot, "req_rows": pad.row}
+    for name in _ROW_FIELDS:
+        dst = getattr(static, name)
+        dst[:n].copy_(getattr(batch, name))
+        dst[n:].fill_(fills.get(name, 0))
+
+
+def run_graph(graphs: DecodeGraphs, batch: ForwardBatch) -> torch.Tensor:
+    """Logits [B, vocab] of a device decode batch of B rows, replayed from `graphs` through a copy
+    into the static inputs (the engine packs host batches straight into them instead)."""
+    n = batch.req_rows.numel()
+    size = graphs.bucket(n)
+    assert size is not None and batch.is_decode and batch.image_rows is None and batch.logit_rows.numel() == n
+    static = graphs._static[size]
+    copy_into_static(static, batch, graphs.pad)
+    return graphs.replay(size, static, n)
 
 
 def test_copy_into_static_resets_stale_rows():
@@ -336,7 +368,7 @@ def test_run_copies_a_device_batch_into_the_static_inputs(pipe):
     batch, plan, _ = eng._build_batch(eng.running)
     assert batch.is_decode and len(plan) == 3
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table)
-    got = graphs.run(batch)
+    got = run_graph(graphs, batch)
     assert got.shape == expected.shape == (3, expected.shape[1])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for r in list(eng.running):
@@ -366,10 +398,9 @@ def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[
     try:
         model = InternVLModel.load(ckpt, progress=False, tp=tp)
         cfg = EngineConfig(max_total_tokens=2048, max_requests=8, max_req_len=256)
-        if rank > 0:  # plain tensors, as the server's model worker: pad rows must fit in them
-            kv = torch.zeros(model.llm.kv_shape(cfg.max_total_tokens), dtype=model.dtype)
-            table = torch.zeros((cfg.max_requests, cfg.max_req_len), dtype=torch.int32)
-            follow(model.llm, kv, table, tp)
+        if rank > 0:  # as the server's model worker: pad rows must fit in what it allocates
+            kv, table = allocate_kv(model.llm, cfg)
+            follow(model.llm, kv.buffer, table.table, tp)
             return
         leader = TPLeader(model.llm, tp)
         try:
@@ -411,9 +442,9 @@ class _LogitsRecorder:
     def __init__(self, sampler):
         self.sampler, self.logits = sampler, []
 
-    def __call__(self, logits, *args):
+    def __call__(self, logits, *args, **kwargs):
         self.logits.append(logits.clone())
-        return self.sampler(logits, *args)
+        return self.sampler(logits, *args, **kwargs)
 
 
 @needs_cuda
@@ -447,7 +478,7 @@ def test_graph_run_matches_forward_on_gpu(gpu_pipe, n):
     eng.step()
     batch, _, _ = eng._build_batch(eng.running)
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table).clone()
-    got = graphs.run(batch).clone()
+    got = run_graph(graphs, batch).clone()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     for r in list(eng.running):
         eng.abort(r.req_id)

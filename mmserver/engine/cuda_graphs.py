@@ -29,7 +29,6 @@ P rows, so the all_reduces captured in rank 0's graph meet theirs with the same 
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -39,7 +38,6 @@ import torch
 from ..models.llm.decoder import DecoderLM, ForwardBatch
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-ENV_SWITCH = "MMSERVER_CUDA_GRAPHS"  # "0" disables graphs
 WARMUP_RUNS = 2  # eager runs per size before its capture: triton compiles, cuBLAS / NCCL set up
 ALIGN = 16  # bytes; every field starts 16-byte aligned, as triton specializes on pointer alignment
 
@@ -54,8 +52,8 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int3
 
 
 def graphs_enabled(cuda_graphs: bool, device: torch.device) -> bool:
-    """Graphs only on CUDA, when the config asks for them and MMSERVER_CUDA_GRAPHS is not 0."""
-    return cuda_graphs and device.type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
+    """Graphs only on CUDA, when the config asks for them (`EngineConfig` folds in MMSERVER_CUDA_GRAPHS)."""
+    return cuda_graphs and device.type == "cuda"
 
 
 def graph_sizes(max_requests: int, sizes: Sequence[int] = DEFAULT_SIZES) -> list[int]:
@@ -188,28 +186,12 @@ def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> Ho
         logit_rows=list(range(size)), max_q_len=1, max_seq_len=max_seq_len)
 
 
-# Per-row fields of a decode batch; cu_q and logit_rows are aranges, fixed in the static inputs.
-_ROW_FIELDS = ("input_ids", "positions", "slots", "req_rows", "prefix_lens", "seq_lens")
-
-
-@torch.inference_mode()  # the static inputs are created in inference mode
-def copy_into_static(static: ForwardBatch, batch: ForwardBatch, pad: PadValues) -> None:
-    """Copy a device decode batch of B rows into a larger static batch: rows [:B] from `batch`,
-    rows [B:] reset to pad values (stale rows would write K/V into slots requests now own)."""
-    n = batch.req_rows.numel()
-    fills = {"positions": pad.position, "slots": pad.slot, "req_rows": pad.row}
-    for name in _ROW_FIELDS:
-        dst = getattr(static, name)
-        dst[:n].copy_(getattr(batch, name))
-        dst[n:].fill_(fills.get(name, 0))
-
-
 class DecodeGraphs:
     """CUDA graphs of `model.forward` on all-decode batches, one per padded size.
 
-    `capture()` once, then either pack a padded host batch into `inputs(P)` and `replay` (the
-    engine: no device-side copies), or `run(batch)` a device batch (copies into the static
-    inputs). The logits returned alias the graph's output: use them before the next replay.
+    `capture()` once, then pack a padded host batch into `inputs(P)` and `replay` it (no
+    device-side copies). The logits returned alias the graph's output: use them before the
+    next replay.
     `capture(emulate=True)` skips CUDA graphs and replays by running the static batch eagerly:
     the same padding, buffers and bookkeeping, testable on CPU.
     """
@@ -233,10 +215,6 @@ class DecodeGraphs:
         self._static: dict[int, ForwardBatch] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
 
     def bucket(self, n: int) -> int | None:
         """The smallest captured size >= n, or None (run eagerly)."""
@@ -298,16 +276,3 @@ class DecodeGraphs:
             self.announce(static)
         self._graphs[size].replay()
         return self._outputs[size][:n]
-
-    @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B, vocab] of a device decode batch of B rows (B <= max_size, no images)."""
-        n = batch.req_rows.numel()
-        size = self.bucket(n)
-        if size is None or not batch.is_decode or batch.image_rows is not None or batch.logit_rows.numel() != n:
-            raise ValueError("run() takes all-decode batches without images of at most max_size rows; "
-                             "run others eagerly")
-        static = self._static[size]
-        copy_into_static(static, batch, self.pad)
-        return self.replay(size, static, n)
-

@@ -34,7 +34,8 @@ import torch
 from ..models.llm.decoder import DecoderLM, ForwardBatch
 from .cuda_graphs import (DecodeGraphs, HostBatch, InputBuffers, PadValues, batch_bytes, graph_sizes,
                           graphs_enabled)
-from .kv_pool import KVPool, TokenTable
+from .config import EngineConfig
+from .kv_pool import allocate_kv
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Footprint, fits
 from .tp import TPLeader, broadcast_batch
@@ -44,18 +45,6 @@ log = logging.getLogger("mmserver.engine")
 
 class RequestError(ValueError):
     """A request the engine cannot run (too long, bad parameters)."""
-
-
-@dataclass
-class EngineConfig:
-    max_total_tokens: int = 16384  # KV slots (the pool holds one more, the CUDA-graph scratch slot)
-    max_requests: int = 64  # --running_max_req_size
-    max_req_len: int = 8192  # --max_req_total_len: prompt + new tokens
-    batch_max_tokens: int = 8192  # prompt tokens prefilled per step (chunk size)
-    # Replay decode steps from CUDA graphs (CUDA devices only; MMSERVER_CUDA_GRAPHS=0 also turns them off).
-    cuda_graphs: bool = True
-    # Build step N+1 while the device runs step N (see the module doc). None: on for CUDA devices.
-    overlap_schedule: bool | None = None
 
 
 @dataclass
@@ -112,8 +101,7 @@ class Engine:
         self.llm = llm
         self.config = config
         self.device = llm.device
-        self.kv = KVPool(llm.kv_shape(config.max_total_tokens), llm.dtype, llm.device)
-        self.table = TokenTable(config.max_requests, config.max_req_len, llm.device)
+        self.kv, self.table = allocate_kv(llm, config)
         self.sampler = Sampler()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

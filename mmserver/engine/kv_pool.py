@@ -6,7 +6,8 @@ position) → slot for the attention kernels.
 
 CUDA-graph padding rows (see `cuda_graphs`) need a KV slot and a token-table cell that no request
 uses. Rank 0 broadcasts padded batches to tensor-parallel followers, which write them too, so
-both live in the shapes every rank allocates (`DecoderLM.kv_shape(N)`, `[max_requests, max_len]`):
+both live in what every rank allocates through `allocate_kv` (`DecoderLM.kv_shape(N)`,
+`[max_requests, max_len]`):
 
 * the scratch slot is the buffer's last slot: `kv_shape(N)` has N + 1 slots and `KVPool` never
   hands out or counts the last one (`num_slots`, `free`, `used` cover the N usable slots);
@@ -17,8 +18,14 @@ both live in the shapes every rank allocates (`DecoderLM.kv_shape(N)`, `[max_req
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..models.llm.decoder import DecoderLM
+    from .config import EngineConfig
 
 
 class KVPoolExhausted(RuntimeError):
@@ -121,11 +128,6 @@ class TokenTable:
         """table.view(-1)[flat_index] = slots: one scatter for a whole batch (device tensors)."""
         self.table.view(-1).index_copy_(0, flat_index, slots)
 
-    def append(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """`record` plus the device write for one row (the engine batches writes with `write`)."""
-        self.record(row, start, slots)
-        self.table[row, start:start + len(slots)] = slots.to(self.table.device, non_blocking=True)
-
     def held(self, row: int) -> torch.Tensor:
         """The slots `row` holds, in position order (host int32)."""
         return torch.from_numpy(self._host[row, :int(self._lens[row])].copy())
@@ -139,3 +141,10 @@ class TokenTable:
         self._lens[row] = 0
         self._free_rows.append(row)
         return held
+
+
+def allocate_kv(llm: DecoderLM, config: EngineConfig) -> tuple[KVPool, TokenTable]:
+    """One rank's KV pool and token table for `config`. Rank 0's engine and the tensor-parallel
+    followers both allocate here, so every rank has the same slots, scratch slot and pad cell."""
+    pool = KVPool(llm.kv_shape(config.max_total_tokens), llm.dtype, llm.device)
+    return pool, TokenTable(config.max_requests, config.max_req_len, llm.device)

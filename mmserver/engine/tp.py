@@ -1,23 +1,15 @@
 """Driving tensor-parallel follower ranks from rank 0's Engine.
 
-The model-side pieces (process group, sharding) live in `mmserver.models.parallel` and are
-re-exported here for the processes that start ranks.
+The model-side pieces (process group, sharding) live in `mmserver.models.parallel`; import
+them from there.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..models.parallel import (TPGroup, destroy_tp, init_tp, local_kv_heads, shard_llm_weights,
-                               shard_vision_weights, shard_weights)
-
-__all__ = ["TPGroup", "init_tp", "destroy_tp", "local_kv_heads", "shard_llm_weights", "shard_vision_weights",
-           "shard_weights", "broadcast_batch", "write_token_table", "TPLeader", "follow"]
-
-if TYPE_CHECKING:
-    from ..models.llm.decoder import DecoderLM, ForwardBatch
+from ..models.llm.decoder import DecoderLM, ForwardBatch
+from ..models.parallel import TPGroup
 
 
 # ---------------------------------------------------------------------------------------
@@ -39,8 +31,6 @@ def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.devic
     Three broadcasts at most: a fixed-size header, every integer tensor packed into one, and
     the image embedding rows when the batch has any.
     """
-    from ..models.llm.decoder import ForwardBatch  # noqa: F811 (runtime import: the decoder imports this module)
-
     if tp.rank == 0:
         if stop:
             tp.broadcast(torch.zeros(_HEADER, dtype=torch.int64, device=device))
@@ -73,7 +63,7 @@ def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.devic
 
 
 def write_token_table(batch: ForwardBatch, token_table: torch.Tensor) -> None:
-    """What rank 0's Engine did with `TokenTable.append`: table[row of token, its position] = its slot."""
+    """What rank 0's engine did with `TokenTable.write`: table[row of token, its position] = its slot."""
     q_lens = batch.cu_q[1:] - batch.cu_q[:-1]
     rows = batch.req_rows.long().repeat_interleave(q_lens, output_size=batch.input_ids.numel())
     token_table[rows, batch.positions] = batch.slots.to(token_table.dtype)

@@ -41,7 +41,7 @@ class ForwardBatch:
 
 
 class DecoderLM:
-    """With `tp`, `weights` are this rank's shard (see `engine.tp.shard_llm_weights`): the rank
+    """With `tp`, `weights` are this rank's shard (see `models.parallel.shard_llm_weights`): the rank
     runs its own heads and MLP columns, and the o / down outputs are summed over ranks."""
 
     def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
