@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from mmserver import pipeline
-from mmserver.engine.cuda_graphs import (ALIGN, DEFAULT_SIZES, DecodeGraphs, HostBatch, InputBuffers, PadValues,
-                                         graph_sizes, graphs_enabled, pad_decode)
+from mmserver.engine.batch_io import ALIGN, HostBatch, InputBuffers
+from mmserver.engine.cuda_graphs import DEFAULT_SIZES, DecodeGraphs, PadValues, graph_sizes, graphs_enabled, pad_decode
 from mmserver.engine.engine import Engine, EngineConfig
 from mmserver.engine.kv_pool import KVPool, KVPoolExhausted, TokenTable, allocate_kv
 from mmserver.engine.sampling import SamplingParams
@@ -44,15 +44,9 @@ def test_graph_sizes_are_capped_by_max_requests():
     assert graph_sizes(1) == [1] and graph_sizes(3) == [1, 2, 3]
 
 
-def _pad(kv: KVPool, table: TokenTable) -> PadValues:
-    return PadValues(kv.scratch_slot, table.pad_row, table.pad_position,
-                     table.flat_index(table.pad_row, table.pad_position))
-
-
 def _graphs(sizes: list[int], max_seq_len: int = 32) -> DecodeGraphs:
     kv, table = KVPool((1, 16, 2, 4), torch.float32, "cpu"), TokenTable(4, max_seq_len, "cpu")
-    pad = _pad(kv, table)
-    return DecodeGraphs(None, kv.buffer, table.table, sizes, max_seq_len, pad)  # type: ignore[arg-type]
+    return DecodeGraphs(None, kv.buffer, table.table, sizes, max_seq_len, PadValues.of(kv, table))  # type: ignore[arg-type]
 
 
 def test_bucket_is_the_smallest_captured_size_at_least_b():
@@ -254,7 +248,7 @@ def _engine(pipe, emulate: bool = False, **cfg) -> Engine:
     config = EngineConfig(**{"max_total_tokens": 8192, "max_requests": 32, "max_req_len": 1024, **cfg})
     eng = Engine(pipe.model.llm, config)
     if emulate:
-        eng.graphs = eng._init_graphs(emulate=True)
+        eng.graphs = eng.runner.capture_graphs(emulate=True)
         assert eng.graphs is not None and eng.graphs.emulated
     return eng
 
@@ -361,11 +355,12 @@ def test_emulated_graphs_with_chunked_prefill(pipe):
 
 def test_run_copies_a_device_batch_into_the_static_inputs(pipe):
     eng = _engine(pipe, max_requests=8)
-    graphs = eng._init_graphs(emulate=True)
+    graphs = eng.runner.capture_graphs(emulate=True)
     for r in _requests(pipe, 3, seed=5, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()  # prefill: every request now decodes
-    batch, plan, _ = eng._build_batch(eng.running)
+    plan = eng.scheduler.schedule()
+    batch, _ = eng.runner.prepare(plan, None)
     assert batch.is_decode and len(plan) == 3
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table)
     got = run_graph(graphs, batch)
@@ -384,7 +379,7 @@ def test_capture_failure_falls_back_to_eager(pipe, monkeypatch, caplog):
 
     monkeypatch.setattr(DecodeGraphs, "capture", boom)
     with caplog.at_level(logging.WARNING, logger="mmserver.engine"):
-        assert eng._init_graphs() is None
+        assert eng.runner.capture_graphs() is None
     assert "decoding eagerly" in caplog.text and "capture went wrong" in caplog.text
 
 
@@ -405,7 +400,7 @@ def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[
         leader = TPLeader(model.llm, tp)
         try:
             eng = Engine(leader, cfg)
-            eng.graphs = eng._init_graphs(emulate=True)
+            eng.graphs = eng.runner.capture_graphs(emulate=True)
             tokens = {i: t for i, (t, _) in _generate(eng, requests).items()}
             torch.save({"tokens": tokens, "replays": eng.graphs.replays}, out)
         finally:
@@ -471,12 +466,12 @@ def test_graph_decode_matches_eager_on_gpu(gpu_pipe, n):
 @pytest.mark.parametrize("n", [3, 17])
 def test_graph_run_matches_forward_on_gpu(gpu_pipe, n):
     eng = _engine(gpu_pipe, cuda_graphs=False)
-    graphs = eng._init_graphs()
+    graphs = eng.runner.capture_graphs()
     assert graphs is not None and not graphs.emulated
     for r in _requests(gpu_pipe, n, seed=10 + n, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()
-    batch, _, _ = eng._build_batch(eng.running)
+    batch, _ = eng.runner.prepare(eng.scheduler.schedule(), None)
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table).clone()
     got = run_graph(graphs, batch).clone()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

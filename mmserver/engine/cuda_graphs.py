@@ -1,15 +1,13 @@
-"""Batch inputs in one host→device copy, and CUDA-graph replay of the decode forward.
+"""CUDA-graph replay of the decode forward: capture, padding, replay.
 
 A 1B decoder's decode step is a few hundred tiny kernels (24 layers × ~12 launches): on a GPU
 the launches and the Python around them cost far more than the math. `DecodeGraphs` captures
 `DecoderLM.forward` of an all-decode batch once per padded batch size and replays it.
 
-Inputs. `InputBuffers.pack` writes a batch's integer fields (`HostBatch`) into one pinned host
-buffer and copies it to the device with a single non-blocking copy; the `ForwardBatch` fields
-are typed views of that device buffer. The engine uses this for every batch. Each captured
-size owns such a buffer (its *static inputs*): a decode batch of B requests is padded on the
-host to the size P it replays with and packed straight into that buffer, so a graph step costs
-one copy, one token-table write and one replay.
+Inputs. Each captured size owns an `InputBuffers` (`batch_io`, which every batch goes
+through), its *static inputs*: a decode batch of B requests is padded on the host to the size
+P it replays with and packed straight into that buffer, so a graph step costs one copy, one
+token-table write and one replay.
 
 Padding. A pad row holds input id 0, `seq_len` 0 (the decode attention kernel returns zeros for
 it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot)
@@ -36,20 +34,11 @@ import numpy as np
 import torch
 
 from ..models.llm.decoder import DecoderLM, ForwardBatch
+from .batch_io import HostBatch, InputBuffers, batch_bytes
+from .kv_pool import KVPool, TokenTable
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 WARMUP_RUNS = 2  # eager runs per size before its capture: triton compiles, cuBLAS / NCCL set up
-ALIGN = 16  # bytes; every field starts 16-byte aligned, as triton specializes on pointer alignment
-
-# (field, dtype) in packing order; the dtypes are ForwardBatch's.
-_FIELDS: tuple[tuple[str, np.dtype], ...] = (
-    ("input_ids", np.dtype(np.int64)), ("positions", np.dtype(np.int64)), ("table_index", np.dtype(np.int64)),
-    ("logit_rows", np.dtype(np.int64)), ("slots", np.dtype(np.int32)), ("req_rows", np.dtype(np.int32)),
-    ("cu_q", np.dtype(np.int32)), ("prefix_lens", np.dtype(np.int32)), ("seq_lens", np.dtype(np.int32)),
-    ("image_index", np.dtype(np.int32)),
-)
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
-
 
 def graphs_enabled(cuda_graphs: bool, device: torch.device) -> bool:
     """Graphs only on CUDA, when the config asks for them (`EngineConfig` folds in MMSERVER_CUDA_GRAPHS)."""
@@ -65,100 +54,6 @@ def graph_sizes(max_requests: int, sizes: Sequence[int] = DEFAULT_SIZES) -> list
     return out
 
 
-@dataclass
-class HostBatch:
-    """A batch's integer fields on the host (lists or int arrays), before packing.
-
-    `table_index[t]` is `row * table_width + position` of token t: the engine writes the token
-    table with one scatter from it."""
-
-    input_ids: Sequence[int]  # [T]
-    positions: Sequence[int]  # [T]
-    table_index: Sequence[int]  # [T]
-    slots: Sequence[int]  # [T]
-    req_rows: Sequence[int]  # [B]
-    cu_q: Sequence[int]  # [B + 1]
-    prefix_lens: Sequence[int]  # [B]
-    seq_lens: Sequence[int]  # [B]
-    logit_rows: Sequence[int]  # [R]
-    max_q_len: int
-    max_seq_len: int
-    image_index: Sequence[int] | None = None  # [T], only with image rows
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.req_rows)
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def layout(lengths: dict[str, int]) -> tuple[list[tuple[str, np.dtype, int, int]], int]:
-    """(field, dtype, byte offset, count) of each present field, and the bytes they need."""
-    fields, offset = [], 0
-    for name, dtype in _FIELDS:
-        if name in lengths:
-            fields.append((name, dtype, offset, lengths[name]))
-            offset += _round_up(lengths[name] * dtype.itemsize, ALIGN)
-    return fields, offset
-
-
-def batch_bytes(tokens: int, requests: int, logit_rows: int, images: bool = True) -> int:
-    """Bytes `InputBuffers.pack` needs for a batch of this shape."""
-    lengths = {"input_ids": tokens, "positions": tokens, "table_index": tokens, "slots": tokens,
-               "logit_rows": logit_rows, "req_rows": requests, "cu_q": requests + 1, "prefix_lens": requests,
-               "seq_lens": requests}
-    if images:
-        lengths["image_index"] = tokens
-    return layout(lengths)[1]
-
-
-class InputBuffers:
-    """A pinned host buffer and a device buffer: `pack` turns a `HostBatch` into a `ForwardBatch`
-    with one host→device copy and no sync.
-
-    The returned views alias the device buffer: they are valid until the next `pack`. Copies are
-    stream-ordered before later kernels, and `pack` waits for the previous copy to have read the
-    host buffer before overwriting it (a step without sampling does not sync the stream).
-    With `growable=False` (graph static inputs) the buffers never move."""
-
-    def __init__(self, device: torch.device | str, capacity: int, growable: bool = True):
-        self.device = torch.device(device)
-        self.growable = growable
-        self._cuda = self.device.type == "cuda"
-        self._copied = torch.cuda.Event() if self._cuda else None
-        self._alloc(max(capacity, ALIGN))
-
-    def _alloc(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.host = torch.zeros(capacity, dtype=torch.uint8, pin_memory=self._cuda)
-        self._host_np = self.host.numpy()
-        self.dev = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
-
-    def pack(self, hb: HostBatch, image_rows: torch.Tensor | None = None) -> tuple[ForwardBatch, torch.Tensor]:
-        """(the ForwardBatch, the table_index view) on the device."""
-        lengths = {name: len(v) for name, _ in _FIELDS if (v := getattr(hb, name)) is not None}
-        fields, nbytes = layout(lengths)
-        if nbytes > self.capacity:
-            if not self.growable:
-                raise ValueError(f"batch needs {nbytes} bytes of static inputs, {self.capacity} reserved")
-            self._alloc(max(nbytes, 2 * self.capacity))  # the old host buffer stays alive until its copy ends
-        elif self._copied is not None:
-            self._copied.synchronize()
-        for name, dtype, off, n in fields:
-            self._host_np[off:off + n * dtype.itemsize].view(dtype)[:] = getattr(hb, name)
-        self.dev[:nbytes].copy_(self.host[:nbytes], non_blocking=self._cuda)
-        if self._copied is not None:
-            self._copied.record()
-        v = {name: self.dev[off:off + n * dtype.itemsize].view(_TORCH_DTYPES[dtype]) for name, dtype, off, n in fields}
-        batch = ForwardBatch(input_ids=v["input_ids"], positions=v["positions"], slots=v["slots"],
-                             req_rows=v["req_rows"], cu_q=v["cu_q"], prefix_lens=v["prefix_lens"],
-                             seq_lens=v["seq_lens"], max_q_len=hb.max_q_len, max_seq_len=hb.max_seq_len,
-                             logit_rows=v["logit_rows"], image_rows=image_rows, image_index=v.get("image_index"))
-        return batch, v["table_index"]
-
-
 @dataclass(frozen=True)
 class PadValues:
     """What a pad row holds: a KV slot and a token-table cell (row, position) that no request uses."""
@@ -168,22 +63,35 @@ class PadValues:
     position: int
     table_index: int  # flat token-table index of (row, position)
 
+    @classmethod
+    def of(cls, kv: KVPool, table: TokenTable) -> PadValues:
+        """The scratch slot and the pad cell that `kv_pool` reserves."""
+        return cls(kv.scratch_slot, table.pad_row, table.pad_position, table.flat_index(table.pad_row,
+                                                                                         table.pad_position))
+
+
+def paddable(hb: HostBatch) -> bool:
+    """A batch a decode graph can run: one token per request, every one producing logits, no images."""
+    return hb.max_q_len <= 1 and len(hb.input_ids) == hb.num_requests == len(hb.logit_rows) and hb.image_index is None
+
+
+def _padded(values: Sequence[int], k: int, fill: int) -> np.ndarray:
+    return np.concatenate([np.asarray(values, dtype=np.int64), np.full(k, fill, dtype=np.int64)])
+
 
 def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> HostBatch:
-    """`hb` (an all-decode batch with every row producing logits) padded to `size` rows."""
+    """`hb` (a `paddable` batch) padded to `size` rows."""
     b = hb.num_requests
-    if not (hb.max_q_len <= 1 and len(hb.input_ids) == b == len(hb.logit_rows) and hb.image_index is None):
+    if not paddable(hb):
         raise ValueError("only all-decode batches without images, every row producing logits, can be padded")
     if size < b:
         raise ValueError(f"cannot pad {b} rows to {size}")
     k = size - b
     return HostBatch(
-        input_ids=list(hb.input_ids) + [0] * k, positions=list(hb.positions) + [pad.position] * k,
-        table_index=list(hb.table_index) + [pad.table_index] * k,
-        slots=np.concatenate([np.asarray(hb.slots, dtype=np.int32), np.full(k, pad.slot, dtype=np.int32)]),
-        req_rows=list(hb.req_rows) + [pad.row] * k, cu_q=list(range(size + 1)),
-        prefix_lens=list(hb.prefix_lens) + [0] * k, seq_lens=list(hb.seq_lens) + [0] * k,
-        logit_rows=list(range(size)), max_q_len=1, max_seq_len=max_seq_len)
+        input_ids=_padded(hb.input_ids, k, 0), positions=_padded(hb.positions, k, pad.position),
+        table_index=_padded(hb.table_index, k, pad.table_index), slots=_padded(hb.slots, k, pad.slot),
+        req_rows=_padded(hb.req_rows, k, pad.row), cu_q=np.arange(size + 1), prefix_lens=_padded(hb.prefix_lens, k, 0),
+        seq_lens=_padded(hb.seq_lens, k, 0), logit_rows=np.arange(size), max_q_len=1, max_seq_len=max_seq_len)
 
 
 class DecodeGraphs:

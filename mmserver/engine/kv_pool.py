@@ -18,7 +18,7 @@ both live in what every rank allocates through `allocate_kv` (`DecoderLM.kv_shap
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ import torch
 if TYPE_CHECKING:
     from ..models.llm.decoder import DecoderLM
     from .config import EngineConfig
+
+Index = TypeVar("Index", int, np.ndarray)
 
 
 class KVPoolExhausted(RuntimeError):
@@ -99,30 +101,33 @@ class TokenTable:
         self._owned.add(row)
         return row
 
-    def flat_index(self, row: int, position: int) -> int:
+    def flat_index(self, row: Index, position: Index) -> Index:
         """Index of (row, position) in `table.view(-1)`, for `write`."""
         return row * self.max_len + position
 
     def record(self, row: int, start: int, slots: np.ndarray | torch.Tensor) -> None:
         """Host side only: positions start..start+n of `row` live in `slots` (appended in order).
         The device table is written by `write`, batched over a step."""
-        n = len(slots)
-        if start + n > self.pad_position:  # a request never feeds its last token back (see the module doc)
-            raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
-        if row not in self._owned or start != self._lens[row]:
-            raise RuntimeError(f"row {row}: positions must be appended in order to an allocated row")
-        self._host[row, start:start + n] = np.asarray(slots)
-        self._lens[row] = start + n
+        self.record_step([row], [start], [len(slots)], np.asarray(slots))
 
-    def record_decode(self, rows: list[int], positions: list[int], slots: np.ndarray) -> None:
-        """`record` of one token for each of many rows (a decode step), vectorized."""
-        rows_a, pos_a = np.asarray(rows), np.asarray(positions)
-        if len(rows) and pos_a.max() >= self.pad_position:
+    def record_step(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
+                    slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`record` for a whole step: row rows[i] appends counts[i] positions from starts[i] on,
+        whose slots lie packed in `slots` in row order. Returns each token's position and its
+        `flat_index`, from which `write` fills the device table in one scatter."""
+        rows_a, starts_a = np.asarray(rows, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+        counts_a = np.asarray(counts, dtype=np.int64)
+        ends = starts_a + counts_a
+        if len(rows) and ends.max() > self.pad_position:  # a request never feeds its last token back
             raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
-        if not (self._owned.issuperset(rows) and np.array_equal(self._lens[rows_a], pos_a)):
-            raise RuntimeError("decode positions must follow each allocated row's recorded ones")
-        self._host[rows_a, pos_a] = slots
-        self._lens[rows_a] = pos_a + 1
+        if not (self._owned.issuperset(rows) and np.array_equal(self._lens[rows_a], starts_a)):
+            raise RuntimeError("a row's positions must be appended in order to an allocated row")
+        token_rows = np.repeat(rows_a, counts_a)
+        first = np.cumsum(counts_a) - counts_a  # each row's first token in `slots`
+        positions = np.arange(len(token_rows)) + np.repeat(starts_a - first, counts_a)
+        self._host[token_rows, positions] = slots
+        self._lens[rows_a] = ends
+        return positions, self.flat_index(token_rows, positions)
 
     def write(self, flat_index: torch.Tensor, slots: torch.Tensor) -> None:
         """table.view(-1)[flat_index] = slots: one scatter for a whole batch (device tensors)."""

@@ -79,8 +79,12 @@ class TPLeader:
     def __getattr__(self, name: str):  # device, dtype, cfg, kv_shape, ...: the wrapped model's
         return getattr(self.llm, name)
 
-    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+    def announce(self, batch: ForwardBatch) -> None:
+        """Send `batch` to the followers (before running it here, eagerly or from a graph)."""
         broadcast_batch(self.tp, batch, self.llm.device, self.llm.cfg.hidden_size, self.llm.dtype)
+
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+        self.announce(batch)
         return self.llm.forward(batch, kv_pool, token_table)
 
     def stop(self) -> None:
