@@ -21,7 +21,7 @@ ALIGN = 16  # bytes; every field starts 16-byte aligned, as triton specializes o
 
 # (field, dtype) in packing order; the dtypes are ForwardBatch's.
 _FIELDS: tuple[tuple[str, np.dtype], ...] = (
-    ("input_ids", np.dtype(np.int64)), ("positions", np.dtype(np.int64)), ("table_index", np.dtype(np.int64)),
+    ("input_ids", np.dtype(np.int64)), ("rope_positions", np.dtype(np.int64)), ("table_index", np.dtype(np.int64)),
     ("logit_rows", np.dtype(np.int64)), ("slots", np.dtype(np.int32)), ("req_rows", np.dtype(np.int32)),
     ("cu_q", np.dtype(np.int32)), ("prefix_lens", np.dtype(np.int32)), ("seq_lens", np.dtype(np.int32)),
     ("image_index", np.dtype(np.int32)),
@@ -33,11 +33,12 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int3
 class HostBatch:
     """A batch's integer fields on the host (lists or int arrays), before packing.
 
-    `table_index[t]` is `row * table_width + position` of token t: the engine writes the token
-    table with one scatter from it."""
+    `table_index[t]` is `row * table_width + position` of token t, position being its index in
+    its request's sequence: the token table is written with one scatter from it. Its RoPE
+    position is `rope_positions[:, t]` (the same number unless the model family says otherwise)."""
 
     input_ids: Sequence[int]  # [T]
-    positions: Sequence[int]  # [T]
+    rope_positions: Sequence[int] | np.ndarray  # [T], or [P, T] as an array
     table_index: Sequence[int]  # [T]
     slots: Sequence[int]  # [T]
     req_rows: Sequence[int]  # [B]
@@ -52,6 +53,20 @@ class HostBatch:
     @property
     def num_requests(self) -> int:
         return len(self.req_rows)
+
+    @property
+    def rope_rows(self) -> int:
+        """P: rows of RoPE positions."""
+        r = self.rope_positions
+        return r.shape[0] if isinstance(r, np.ndarray) and r.ndim == 2 else 1
+
+
+def _count(values: Sequence[int] | np.ndarray) -> int:
+    return values.size if isinstance(values, np.ndarray) else len(values)
+
+
+def _flat(values: Sequence[int] | np.ndarray) -> Sequence[int] | np.ndarray:
+    return values.reshape(-1) if isinstance(values, np.ndarray) else values
 
 
 def _round_up(n: int, to: int) -> int:
@@ -68,9 +83,9 @@ def layout(lengths: dict[str, int]) -> tuple[list[tuple[str, np.dtype, int, int]
     return fields, offset
 
 
-def batch_bytes(tokens: int, requests: int, logit_rows: int, images: bool = True) -> int:
+def batch_bytes(tokens: int, requests: int, logit_rows: int, images: bool = True, rope_rows: int = 1) -> int:
     """Bytes `InputBuffers.pack` needs for a batch of this shape."""
-    lengths = {"input_ids": tokens, "positions": tokens, "table_index": tokens, "slots": tokens,
+    lengths = {"input_ids": tokens, "rope_positions": rope_rows * tokens, "table_index": tokens, "slots": tokens,
                "logit_rows": logit_rows, "req_rows": requests, "cu_q": requests + 1, "prefix_lens": requests,
                "seq_lens": requests}
     if images:
@@ -100,9 +115,9 @@ class InputBuffers:
         self._host_np = self.host.numpy()
         self.dev = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
 
-    def pack(self, hb: HostBatch, image_rows: torch.Tensor | None = None) -> tuple[ForwardBatch, torch.Tensor]:
-        """(the ForwardBatch, the table_index view) on the device."""
-        lengths = {name: len(v) for name, _ in _FIELDS if (v := getattr(hb, name)) is not None}
+    def pack(self, hb: HostBatch, image_rows: torch.Tensor | None = None) -> ForwardBatch:
+        """The ForwardBatch on the device, its integer fields views of the device buffer."""
+        lengths = {name: _count(v) for name, _ in _FIELDS if (v := getattr(hb, name)) is not None}
         fields, nbytes = layout(lengths)
         if nbytes > self.capacity:
             if not self.growable:
@@ -111,13 +126,13 @@ class InputBuffers:
         elif self._copied is not None:
             self._copied.synchronize()
         for name, dtype, off, n in fields:
-            self._host_np[off:off + n * dtype.itemsize].view(dtype)[:] = getattr(hb, name)
+            self._host_np[off:off + n * dtype.itemsize].view(dtype)[:] = _flat(getattr(hb, name))
         self.dev[:nbytes].copy_(self.host[:nbytes], non_blocking=self._cuda)
         if self._copied is not None:
             self._copied.record()
         v = {name: self.dev[off:off + n * dtype.itemsize].view(_TORCH_DTYPES[dtype]) for name, dtype, off, n in fields}
-        batch = ForwardBatch(input_ids=v["input_ids"], positions=v["positions"], slots=v["slots"],
-                             req_rows=v["req_rows"], cu_q=v["cu_q"], prefix_lens=v["prefix_lens"],
-                             seq_lens=v["seq_lens"], max_q_len=hb.max_q_len, max_seq_len=hb.max_seq_len,
-                             logit_rows=v["logit_rows"], image_rows=image_rows, image_index=v.get("image_index"))
-        return batch, v["table_index"]
+        return ForwardBatch(input_ids=v["input_ids"], rope_positions=v["rope_positions"].view(hb.rope_rows, -1),
+                            table_index=v["table_index"], slots=v["slots"], req_rows=v["req_rows"], cu_q=v["cu_q"],
+                            prefix_lens=v["prefix_lens"], seq_lens=v["seq_lens"], max_q_len=hb.max_q_len,
+                            max_seq_len=hb.max_seq_len, logit_rows=v["logit_rows"], image_rows=image_rows,
+                            image_index=v.get("image_index"))

@@ -11,9 +11,11 @@ token-table write and one replay.
 
 Padding. A pad row holds input id 0, `seq_len` 0 (the decode attention kernel returns zeros for
 it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot)
-and the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
-token-table write of the pad row is harmless too (see `kv_pool`). Pad rows also produce
-logits, which are dropped: only the first B rows are returned.
+the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
+token-table write of the pad row is harmless too (see `kv_pool`), and RoPE position 0 (any
+position the cos/sin table holds would do: the pad row's K/V go to the scratch slot). Pad rows
+also produce logits, which are dropped: only the first B rows are returned. Graphs capture
+plain RoPE (one row of positions, P = 1); other batches run eagerly.
 
 Fixed at capture: the tensors' addresses (static inputs, the KV pool, the token table), the
 batch size, and `max_seq_len`, which sets the decode kernel's split count; replays use the
@@ -56,39 +58,41 @@ def graph_sizes(max_requests: int, sizes: Sequence[int] = DEFAULT_SIZES) -> list
 
 @dataclass(frozen=True)
 class PadValues:
-    """What a pad row holds: a KV slot and a token-table cell (row, position) that no request uses."""
+    """What a pad row holds: a KV slot and a token-table cell that no request uses (its RoPE position is 0)."""
 
     slot: int
     row: int
-    position: int
-    table_index: int  # flat token-table index of (row, position)
+    table_index: int  # flat token-table index of the pad cell (row, the table's pad position)
 
     @classmethod
     def of(cls, kv: KVPool, table: TokenTable) -> PadValues:
         """The scratch slot and the pad cell that `kv_pool` reserves."""
-        return cls(kv.scratch_slot, table.pad_row, table.pad_position, table.flat_index(table.pad_row,
-                                                                                         table.pad_position))
+        return cls(kv.scratch_slot, table.pad_row, table.flat_index(table.pad_row, table.pad_position))
 
 
 def paddable(hb: HostBatch) -> bool:
-    """A batch a decode graph can run: one token per request, every one producing logits, no images."""
-    return hb.max_q_len <= 1 and len(hb.input_ids) == hb.num_requests == len(hb.logit_rows) and hb.image_index is None
+    """A batch a decode graph can run: one token per request, every one producing logits, no images,
+    plain RoPE."""
+    return (hb.max_q_len <= 1 and len(hb.input_ids) == hb.num_requests == len(hb.logit_rows)
+            and hb.image_index is None and hb.rope_rows == 1)
 
 
-def _padded(values: Sequence[int], k: int, fill: int) -> np.ndarray:
-    return np.concatenate([np.asarray(values, dtype=np.int64), np.full(k, fill, dtype=np.int64)])
+def _padded(values: Sequence[int] | np.ndarray, k: int, fill: int) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    return np.concatenate([values, np.full(k, fill, dtype=np.int64)])
 
 
 def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> HostBatch:
     """`hb` (a `paddable` batch) padded to `size` rows."""
     b = hb.num_requests
     if not paddable(hb):
-        raise ValueError("only all-decode batches without images, every row producing logits, can be padded")
+        raise ValueError("only all-decode batches without images, every row producing logits, with plain "
+                         "RoPE can be padded")
     if size < b:
         raise ValueError(f"cannot pad {b} rows to {size}")
     k = size - b
     return HostBatch(
-        input_ids=_padded(hb.input_ids, k, 0), positions=_padded(hb.positions, k, pad.position),
+        input_ids=_padded(hb.input_ids, k, 0), rope_positions=_padded(hb.rope_positions, k, 0),
         table_index=_padded(hb.table_index, k, pad.table_index), slots=_padded(hb.slots, k, pad.slot),
         req_rows=_padded(hb.req_rows, k, pad.row), cu_q=np.arange(size + 1), prefix_lens=_padded(hb.prefix_lens, k, 0),
         seq_lens=_padded(hb.seq_lens, k, 0), logit_rows=np.arange(size), max_q_len=1, max_seq_len=max_seq_len)
@@ -139,7 +143,7 @@ class DecodeGraphs:
     def capture(self, emulate: bool = False) -> None:
         empty = HostBatch([], [], [], [], [], [0], [], [], [], max_q_len=1, max_seq_len=self.max_seq_len)
         for size in self.sizes:
-            self._static[size], _ = self._inputs[size].pack(self.pad_batch(empty, size))
+            self._static[size] = self._inputs[size].pack(self.pad_batch(empty, size))
         self.emulated = emulate
         if emulate:
             return

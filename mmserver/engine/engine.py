@@ -28,7 +28,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .kv_pool import allocate_kv
 from .model_runner import Launched, ModelRunner
-from .request import Request, RequestError, StepOutput, span_offsets
+from .request import Request, RequestError, StepOutput, rope_inputs, span_offsets
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
 
@@ -54,10 +54,16 @@ class Engine:
     # Public API
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, image_embeds: torch.Tensor | None = None,
-                    image_spans: Sequence[tuple[int, int]] = (), req_id: int | None = None) -> int:
+                    image_spans: Sequence[tuple[int, int]] = (), req_id: int | None = None,
+                    rope_positions: torch.Tensor | None = None, rope_delta: int = 0) -> int:
         """Queue a request. `image_spans` are the (start, length) prompt ranges whose embeddings
         are replaced by `image_embeds` rows, in order (the model family's prompt expansion says
-        where its images are; the engine never looks at token ids for that)."""
+        where its images are; the engine never looks at token ids for that).
+
+        `rope_positions` ([P, len(prompt_ids)] integers; None: 0..L-1) are the prompt tokens'
+        RoPE positions and `rope_delta` shifts every later token's: the one at cache position p
+        gets p + rope_delta in each of the P rows. A model family with its own positions (M-RoPE)
+        computes both; the KV cache is indexed by cache position whatever they are."""
         params.validate()
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -67,9 +73,12 @@ class Engine:
         n_rows = image_embeds.shape[0] if image_embeds is not None else 0
         if n_rows != len(offsets):
             raise RequestError(f"prompt has {len(offsets)} image tokens but {n_rows} image embedding rows were given")
+        rope = rope_inputs(rope_positions, rope_delta, n_prompt, params.max_new_tokens,
+                           self.llm.cfg.max_position_embeddings)
         rid = next(self._ids) if req_id is None else req_id
         self.scheduler.add(Request(rid, list(prompt_ids), params, image_embeds=image_embeds if n_rows else None,
-                                   image_offsets=offsets, generator=make_generator(params.seed, self.device)))
+                                   image_offsets=offsets, rope_positions=rope, rope_delta=rope_delta,
+                                   generator=make_generator(params.seed, self.device)))
         return rid
 
     def abort(self, req_id: int, reason: str = "abort") -> None:

@@ -99,12 +99,12 @@ class ModelRunner:
         hb, image_parts = self.host_batch(plan)
         graph_size = self.graphs.bucket(hb.num_requests) if self.graphs is not None and paddable(hb) else None
         if graph_size is not None:
-            batch, index = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
+            batch = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
         else:
-            batch, index = self._inputs.pack(hb, self._image_rows(image_parts) if image_parts else None)
+            batch = self._inputs.pack(hb, self._image_rows(image_parts) if image_parts else None)
         if plan.reads_pending:
             fill_pending_ids(batch.input_ids, previous.tokens)
-        self.table.write(index, batch.slots)  # before the forward: attention reads the new tokens' slots
+        self.table.write(batch.table_index, batch.slots)  # before the forward: attention reads the new tokens' slots
         return batch, graph_size
 
     # ----------------------------------------------------------------------------------
@@ -122,9 +122,9 @@ class ModelRunner:
         prefix_lens = np.asarray(plan.starts, dtype=np.int64)
         seq_lens = prefix_lens + counts
         image_index, image_parts = self._image_index(plan, cu_q)
-        hb = HostBatch(input_ids=self._input_ids(plan), positions=positions, table_index=table_index, slots=slots,
-                       req_rows=rows, cu_q=cu_q, prefix_lens=prefix_lens, seq_lens=seq_lens,
-                       logit_rows=cu_q[1:][np.asarray(plan.produces, dtype=bool)] - 1,
+        hb = HostBatch(input_ids=self._input_ids(plan), rope_positions=self._rope_positions(plan, positions, cu_q),
+                       table_index=table_index, slots=slots, req_rows=rows, cu_q=cu_q, prefix_lens=prefix_lens,
+                       seq_lens=seq_lens, logit_rows=cu_q[1:][np.asarray(plan.produces, dtype=bool)] - 1,
                        max_q_len=int(counts.max()), max_seq_len=int(seq_lens.max()), image_index=image_index)
         return hb, image_parts
 
@@ -141,9 +141,21 @@ class ModelRunner:
         return ids
 
     @staticmethod
+    def _rope_positions(plan: StepPlan, positions: np.ndarray, cu_q: np.ndarray) -> np.ndarray:
+        """[P, T]: each token's RoPE positions; its cache position unless its request says otherwise."""
+        if all(r.rope_positions is None and r.rope_delta == 0 for r in plan.requests):
+            return positions[None]
+        rope = np.empty((max(r.rope_rows for r in plan.requests), len(positions)), dtype=np.int64)
+        for r, start, n, first in zip(plan.requests, plan.starts, plan.num_tokens, cu_q):
+            rope[:, first:first + n] = r.rope_span(start, n)
+        return rope
+
+    @staticmethod
     def _image_index(plan: StepPlan, cu_q: np.ndarray) -> tuple[np.ndarray | None, list[torch.Tensor]]:
         """Each token's row in the batch's image rows (-1: none), or None without image tokens."""
         image_index, parts, base = None, [], 0
+        if plan.all_decode:
+            return image_index, parts
         for i, (r, start, n) in enumerate(zip(plan.requests, plan.starts, plan.num_tokens)):
             if r.image_embeds is None or start >= len(r.prompt_ids):
                 continue
@@ -206,8 +218,6 @@ class ModelRunner:
             torch.cuda.empty_cache()  # so that the growth below is the graphs' memory
         reserved = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         try:
-            if self.table.pad_position >= model.cfg.max_position_embeddings:  # pad rows' rope reads cos/sin there
-                raise ValueError(f"max_req_len {self.config.max_req_len} exceeds the model's max_position_embeddings")
             graphs = DecodeGraphs(model, self.kv.buffer, self.table.table, sizes, self.config.max_req_len,
                                   PadValues.of(self.kv, self.table), announce)
             graphs.capture(emulate=emulate)

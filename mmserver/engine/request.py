@@ -1,7 +1,7 @@
 """A request's state as the engine sees it (`Request`) and what one step says about it (`StepOutput`).
 
 Plain data shared by the scheduler (which decides what runs and updates the counters) and
-the model runner (which reads prompts and image rows to build batches);
+the model runner (which reads prompts, image rows and RoPE positions to build batches);
 neither owns the other's state, so both import it from here.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .admission import Footprint
@@ -30,6 +31,10 @@ class Request:
     # of the prompt token at image_offsets[k].
     image_embeds: torch.Tensor | None = None
     image_offsets: list[int] = field(default_factory=list)  # prompt positions of image tokens
+    # RoPE positions of the prompt tokens, [P, len(prompt)] (None: 0..L-1 in one row); a token
+    # after the prompt at cache position p has RoPE position p + rope_delta in every row.
+    rope_positions: np.ndarray | None = None
+    rope_delta: int = 0
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -54,6 +59,21 @@ class Request:
     def footprint(self) -> Footprint:
         return Footprint(self.num_tokens, self.params.max_new_tokens - self.num_generated)
 
+    @property
+    def rope_rows(self) -> int:
+        """P: rows of RoPE positions (1 for plain RoPE)."""
+        return 1 if self.rope_positions is None else self.rope_positions.shape[0]
+
+    def rope_span(self, start: int, n: int) -> np.ndarray:
+        """[P, n] int64 RoPE positions of cache positions start..start+n-1."""
+        out = np.arange(start, start + n, dtype=np.int64)[None]
+        in_prompt = max(0, min(n, len(self.prompt_ids) - start))
+        if self.rope_positions is not None:
+            out = np.repeat(out, self.rope_rows, axis=0)
+            out[:, :in_prompt] = self.rope_positions[:, start:start + in_prompt]
+        out[:, in_prompt:] += self.rope_delta
+        return out
+
 
 @dataclass
 class StepOutput:
@@ -75,3 +95,29 @@ def span_offsets(spans: Sequence[tuple[int, int]], n_prompt: int) -> list[int]:
         offsets.extend(range(start, start + length))
         end = start + length
     return offsets
+
+
+def rope_inputs(rope_positions: torch.Tensor | None, rope_delta: int, n_prompt: int, max_new_tokens: int,
+                max_positions: int) -> np.ndarray | None:
+    """`add_request`'s RoPE arguments checked: the prompt's positions as a [P, n_prompt] int64 host
+    array (None stays None), every position a request can reach within [0, max_positions)."""
+    if not isinstance(rope_delta, int) or isinstance(rope_delta, bool):
+        raise RequestError(f"rope_delta must be an integer, got {rope_delta!r}")
+    if rope_positions is None:
+        if rope_delta == 0:
+            return None
+        lowest, highest = 0, n_prompt - 1
+    else:
+        if rope_positions.dim() != 2 or rope_positions.shape[0] < 1 or rope_positions.shape[1] != n_prompt:
+            raise RequestError(f"rope_positions must be [P, {n_prompt}] (one column per prompt token), "
+                               f"got {list(rope_positions.shape)}")
+        if rope_positions.dtype.is_floating_point or rope_positions.dtype.is_complex:
+            raise RequestError(f"rope_positions must be integers, got {rope_positions.dtype}")
+        lowest, highest = int(rope_positions.min()), int(rope_positions.max())
+    # The last generated token is never fed back: decode positions stop at n_prompt + max_new_tokens - 2.
+    highest = max(highest, n_prompt + max_new_tokens - 2 + rope_delta)
+    lowest = min(lowest, n_prompt + rope_delta)
+    if lowest < 0 or highest >= max_positions:
+        raise RequestError(f"RoPE positions run from {lowest} to {highest}, outside the model's "
+                           f"[0, {max_positions})")
+    return None if rope_positions is None else rope_positions.detach().cpu().numpy().astype(np.int64)
