@@ -6,11 +6,11 @@ the launches and the Python around them cost far more than the math. `DecodeGrap
 
 Inputs. Each captured size owns an `InputBuffers` (`batch_io`, which every batch goes
 through), its *static inputs*: a decode batch of B requests is padded on the host to the size
-P it replays with and packed straight into that buffer, so a graph step costs one copy, one
+S it replays with and packed straight into that buffer, so a graph step costs one copy, one
 token-table write and one replay.
 
 Padding. A pad row holds input id 0, `seq_len` 0 (the decode attention kernel returns zeros for
-it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot)
+it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot),
 the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
 token-table write of the pad row is harmless too (see `kv_pool`), and RoPE position 0 (any
 position the cos/sin table holds would do: the pad row's K/V go to the scratch slot). Pad rows
@@ -21,9 +21,9 @@ Fixed at capture: the tensors' addresses (static inputs, the KV pool, the token 
 batch size, and `max_seq_len`, which sets the decode kernel's split count; replays use the
 engine's `max_req_len` as capture did.
 
-Tensor parallelism: with `announce` (the engine passes `TPLeader`'s broadcast) the padded
+Tensor parallelism: with `announce` (the runner passes `TPLeader.announce`) the padded
 batch is broadcast to the follower ranks before each replay. They run it eagerly with the same
-P rows, so the all_reduces captured in rank 0's graph meet theirs with the same shapes.
+S rows, so the all_reduces captured in rank 0's graph meet theirs with the same shapes.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> Ho
 class DecodeGraphs:
     """CUDA graphs of `model.forward` on all-decode batches, one per padded size.
 
-    `capture()` once, then pack a padded host batch into `inputs(P)` and `replay` it (no
+    `capture()` once, then pack a padded host batch into `inputs(S)` and `replay` it (no
     device-side copies). The logits returned alias the graph's output: use them before the
     next replay.
     `capture(emulate=True)` skips CUDA graphs and replays by running the static batch eagerly:

@@ -92,8 +92,8 @@ class TPLeader:
 def follow(llm: DecoderLM, kv_pool: torch.Tensor, token_table: torch.Tensor, tp: TPGroup) -> int:
     """Ranks > 0: run rank 0's batches until it stops; returns the number of steps run.
 
-    `kv_pool` is `llm.kv_shape(N)` with rank 0's N; `token_table` is [max_requests, max_req_len]
-    int32, as rank 0's Engine. The logits are dropped: rank 0 samples.
+    `kv_pool` and `token_table` are the buffers of `kv_pool.allocate_kv(llm, config)` with rank
+    0's config, as its Engine allocates them. The logits are dropped: rank 0 samples.
     """
     steps = 0
     while (batch := broadcast_batch(tp, None, llm.device, llm.cfg.hidden_size, llm.dtype)) is not None:
