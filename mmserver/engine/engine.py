@@ -36,6 +36,8 @@ __all__ = ["Engine", "EngineConfig", "RequestError", "StepOutput"]
 
 
 class Engine:
+    """The public face of the engine: a Scheduler and a ModelRunner sharing one KV pool and token table."""
+
     def __init__(self, llm: DecoderLM, config: EngineConfig):
         self.llm = llm
         self.config = config

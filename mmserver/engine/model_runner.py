@@ -51,6 +51,8 @@ def fill_pending_ids(input_ids: torch.Tensor, previous: torch.Tensor) -> None:
 
 
 class ModelRunner:
+    """Runs `StepPlan`s on one model (a `DecoderLM` or a `TPLeader`) over the engine's KV pool and table."""
+
     def __init__(self, llm: DecoderLM, config: EngineConfig, kv: KVPool, table: TokenTable):
         self.llm = llm
         self.config = config

@@ -65,6 +65,8 @@ class StepPlan:
 
 
 class Scheduler:
+    """The waiting queue, the running requests and every rule about them (see the module doc)."""
+
     def __init__(self, config: EngineConfig, kv: KVPool, table: TokenTable):
         self.config = config
         self.kv, self.table = kv, table
