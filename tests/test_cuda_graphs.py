@@ -17,12 +17,14 @@ import torch
 import torch.multiprocessing as mp
 
 from mmserver import pipeline
-from mmserver.engine.cuda_graphs import (ALIGN, DEFAULT_SIZES, DecodeGraphs, HostBatch, InputBuffers, PadValues,
-                                         copy_into_static, graph_sizes, graphs_enabled, pad_decode)
+from mmserver.engine.batch_io import ALIGN, HostBatch, InputBuffers
+from mmserver.engine.cuda_graphs import DEFAULT_SIZES, DecodeGraphs, PadValues, graph_sizes, graphs_enabled, pad_decode
 from mmserver.engine.engine import Engine, EngineConfig
-from mmserver.engine.kv_pool import KVPool, KVPoolExhausted, TokenTable
+from mmserver.engine.kv_pool import KVPool, KVPoolExhausted, TokenTable, allocate_kv
 from mmserver.engine.sampling import SamplingParams
-from mmserver.engine.tp import TPLeader, destroy_tp, follow, init_tp
+from mmserver.engine.tp import TPLeader, follow
+from mmserver.models.llm.decoder import ForwardBatch
+from mmserver.models.parallel import destroy_tp, init_tp
 from mmserver.models.internvl.model import InternVLModel
 
 from conftest import random_image
@@ -42,15 +44,9 @@ def test_graph_sizes_are_capped_by_max_requests():
     assert graph_sizes(1) == [1] and graph_sizes(3) == [1, 2, 3]
 
 
-def _pad(kv: KVPool, table: TokenTable) -> PadValues:
-    return PadValues(kv.scratch_slot, table.pad_row, table.pad_position,
-                     table.flat_index(table.pad_row, table.pad_position))
-
-
 def _graphs(sizes: list[int], max_seq_len: int = 32) -> DecodeGraphs:
     kv, table = KVPool((1, 16, 2, 4), torch.float32, "cpu"), TokenTable(4, max_seq_len, "cpu")
-    pad = _pad(kv, table)
-    return DecodeGraphs(None, kv.buffer, table.table, sizes, max_seq_len, pad)  # type: ignore[arg-type]
+    return DecodeGraphs(None, kv.buffer, table.table, sizes, max_seq_len, PadValues.of(kv, table))  # type: ignore[arg-type]
 
 
 def test_bucket_is_the_smallest_captured_size_at_least_b():
@@ -65,25 +61,28 @@ def test_switch(monkeypatch):
     assert graphs_enabled(True, cuda)
     assert not graphs_enabled(False, cuda)
     assert not graphs_enabled(True, torch.device("cpu"))
-    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "0")
-    assert not graphs_enabled(True, cuda)
     assert EngineConfig().cuda_graphs
+    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "0")  # read once, when the config is built
+    assert not EngineConfig().cuda_graphs and not EngineConfig(cuda_graphs=True).cuda_graphs
+    config = EngineConfig(cuda_graphs=False)
+    monkeypatch.setenv("MMSERVER_CUDA_GRAPHS", "1")
+    assert not config.cuda_graphs and EngineConfig().cuda_graphs
 
 
 def _decode_host_batch(b: int, width: int = 32) -> HostBatch:
     rows = list(range(b))
     pos = [5 + i for i in rows]
-    return HostBatch(input_ids=[100 + i for i in rows], positions=pos,
+    return HostBatch(input_ids=[100 + i for i in rows], rope_positions=pos,
                      table_index=[r * width + p for r, p in zip(rows, pos)], slots=np.arange(b, dtype=np.int32) + 3,
                      req_rows=rows, cu_q=list(range(b + 1)), prefix_lens=pos, seq_lens=[p + 1 for p in pos],
                      logit_rows=list(range(b)), max_q_len=1, max_seq_len=max(pos) + 1)
 
 
 def test_pad_decode_fills_pad_rows_with_reserved_values():
-    pad = PadValues(slot=15, row=0, position=31, table_index=31)
+    pad = PadValues(slot=15, row=0, table_index=31)
     hb = pad_decode(_decode_host_batch(3), 8, pad, max_seq_len=32)
     assert list(hb.input_ids) == [100, 101, 102] + [0] * 5
-    assert list(hb.positions) == [5, 6, 7] + [31] * 5
+    assert list(hb.rope_positions) == [5, 6, 7] + [0] * 5  # any position in the cos/sin table would do
     assert list(hb.slots) == [3, 4, 5] + [15] * 5
     assert list(hb.req_rows) == [0, 1, 2] + [0] * 5
     assert list(hb.seq_lens) == [6, 7, 8] + [0] * 5  # seq_len 0: the attention kernel returns zeros
@@ -95,15 +94,20 @@ def test_pad_decode_fills_pad_rows_with_reserved_values():
     prefill = HostBatch([1, 2], [0, 1], [0, 1], [0, 1], [0], [0, 2], [0], [2], [1], max_q_len=2, max_seq_len=2)
     with pytest.raises(ValueError, match="all-decode"):
         pad_decode(prefill, 4, pad, 32)
+    m_rope = HostBatch(**{**_decode_host_batch(2).__dict__, "rope_positions": np.array([[5, 6], [5, 7]])})
+    with pytest.raises(ValueError, match="plain"):  # graphs capture one row of RoPE positions
+        pad_decode(m_rope, 4, pad, 32)
 
 
-def _check_batch(batch, index, hb: HostBatch) -> None:
-    for name in ("input_ids", "positions", "slots", "req_rows", "cu_q", "prefix_lens", "seq_lens", "logit_rows"):
+def _check_batch(batch, hb: HostBatch) -> None:
+    for name in ("input_ids", "rope_positions", "table_index", "slots", "req_rows", "cu_q", "prefix_lens", "seq_lens",
+                 "logit_rows"):
         t = getattr(batch, name)
-        assert t.tolist() == [int(x) for x in getattr(hb, name)], name
+        assert t.reshape(-1).tolist() == [int(x) for x in np.asarray(getattr(hb, name)).reshape(-1)], name
         assert t.data_ptr() % ALIGN == 0, name  # triton specializes on 16-byte alignment
-    assert index.tolist() == list(hb.table_index)
-    for name, dtype in (("input_ids", torch.int64), ("positions", torch.int64), ("logit_rows", torch.int64),
+    assert batch.rope_positions.shape == (hb.rope_rows, len(hb.input_ids))
+    for name, dtype in (("input_ids", torch.int64), ("rope_positions", torch.int64), ("table_index", torch.int64),
+                        ("logit_rows", torch.int64),
                         ("slots", torch.int32), ("req_rows", torch.int32), ("cu_q", torch.int32),
                         ("seq_lens", torch.int32), ("prefix_lens", torch.int32)):
         assert getattr(batch, name).dtype == dtype, name
@@ -112,21 +116,54 @@ def _check_batch(batch, index, hb: HostBatch) -> None:
 
 def test_pack_round_trip_and_growth():
     bufs = InputBuffers("cpu", capacity=64)
-    mixed = HostBatch(input_ids=[7, 8, 9, 10, 11], positions=[0, 1, 2, 9, 4], table_index=[0, 1, 2, 41, 68],
+    mixed = HostBatch(input_ids=[7, 8, 9, 10, 11], rope_positions=[0, 1, 2, 9, 4], table_index=[0, 1, 2, 41, 68],
                       slots=np.array([5, 6, 7, 1, 2], dtype=np.int32), req_rows=[0, 1, 2], cu_q=[0, 3, 4, 5],
                       prefix_lens=[0, 9, 4], seq_lens=[3, 10, 5], logit_rows=[2, 3, 4], max_q_len=3,
                       max_seq_len=10, image_index=[-1, 0, 1, -1, -1])
-    batch, index = bufs.pack(mixed, image_rows=torch.zeros(2, 4))
-    _check_batch(batch, index, mixed)
+    batch = bufs.pack(mixed, image_rows=torch.zeros(2, 4))
+    _check_batch(batch, mixed)
     assert batch.image_index.tolist() == [-1, 0, 1, -1, -1] and batch.image_index.dtype == torch.int32
     assert bufs.capacity > 64  # grew
     small = _decode_host_batch(2)
-    batch, index = bufs.pack(small)  # overwrites in place
-    _check_batch(batch, index, small)
+    batch = bufs.pack(small)  # overwrites in place
+    _check_batch(batch, small)
+    two_rows = HostBatch(**{**small.__dict__, "rope_positions": np.array([[5, 6], [50, 60]])})  # P = 2
+    batch = bufs.pack(two_rows)
+    _check_batch(batch, two_rows)
+    assert batch.rope_positions.tolist() == [[5, 6], [50, 60]]
     assert batch.image_index is None and batch.image_rows is None
     fixed = InputBuffers("cpu", capacity=64, growable=False)
     with pytest.raises(ValueError, match="static inputs"):
         fixed.pack(mixed)
+
+
+# Per-row fields of a decode batch; cu_q and logit_rows are aranges, fixed in the static inputs.
+_ROW_FIELDS = ("input_ids", "table_index", "slots", "req_rows", "prefix_lens", "seq_lens")
+
+
+@torch.inference_mode()  # the static inputs are created in inference mode
+def copy_into_static(static: ForwardBatch, batch: ForwardBatch, pad: PadValues) -> None:
+    """Copy a device decode batch of B rows into a larger static batch: rows [:B] from `batch`,
+    rows [B:] reset to pad values (stale rows would write K/V into slots requests now own)."""
+    n = batch.req_rows.numel()
+    fills = {"table_index": pad.table_index, "slots": pad.slot, "req_rows": pad.row}
+    for name in _ROW_FIELDS:
+        dst = getattr(static, name)
+        dst[:n].copy_(getattr(batch, name))
+        dst[n:].fill_(fills.get(name, 0))
+    static.rope_positions[:, :n].copy_(batch.rope_positions)
+    static.rope_positions[:, n:].fill_(0)
+
+
+def run_graph(graphs: DecodeGraphs, batch: ForwardBatch) -> torch.Tensor:
+    """Logits [B, vocab] of a device decode batch of B rows, replayed from `graphs` through a copy
+    into the static inputs (the engine packs host batches straight into them instead)."""
+    n = batch.req_rows.numel()
+    size = graphs.bucket(n)
+    assert size is not None and batch.is_decode and batch.image_rows is None and batch.logit_rows.numel() == n
+    static = graphs._static[size]
+    copy_into_static(static, batch, graphs.pad)
+    return graphs.replay(size, static, n)
 
 
 def test_copy_into_static_resets_stale_rows():
@@ -135,17 +172,18 @@ def test_copy_into_static_resets_stale_rows():
     static = g._static[8]
     bufs = InputBuffers("cpu", 1024)
     for b in (5, 3):  # the 3-row batch must clear rows 3..4 that the 5-row one filled
-        batch, _ = bufs.pack(_decode_host_batch(b))
+        batch = bufs.pack(_decode_host_batch(b))
         copy_into_static(static, batch, g.pad)
         expected = pad_decode(_decode_host_batch(b), 8, g.pad, 32)
-        for name in ("input_ids", "positions", "slots", "req_rows", "prefix_lens", "seq_lens", "cu_q", "logit_rows"):
-            assert getattr(static, name).tolist() == [int(x) for x in getattr(expected, name)], (b, name)
+        for name in ("input_ids", "rope_positions", "table_index", "slots", "req_rows", "prefix_lens", "seq_lens",
+                     "cu_q", "logit_rows"):
+            assert getattr(static, name).reshape(-1).tolist() == [int(x) for x in getattr(expected, name)], (b, name)
 
 
 def test_replay_rejects_a_batch_outside_the_static_inputs():
     g = _graphs([4])
     g.capture(emulate=True)
-    batch, _ = InputBuffers("cpu", 1024).pack(pad_decode(_decode_host_batch(3), 4, g.pad, 32))
+    batch = InputBuffers("cpu", 1024).pack(pad_decode(_decode_host_batch(3), 4, g.pad, 32))
     with pytest.raises(ValueError, match="static inputs"):
         g.replay(4, batch, 3)
 
@@ -222,7 +260,7 @@ def _engine(pipe, emulate: bool = False, **cfg) -> Engine:
     config = EngineConfig(**{"max_total_tokens": 8192, "max_requests": 32, "max_req_len": 1024, **cfg})
     eng = Engine(pipe.model.llm, config)
     if emulate:
-        eng.graphs = eng._init_graphs(emulate=True)
+        eng.graphs = eng.runner.capture_graphs(emulate=True)
         assert eng.graphs is not None and eng.graphs.emulated
     return eng
 
@@ -237,7 +275,7 @@ def _generate(eng: Engine, requests: list[dict], join_at: dict[int, int] | None 
         for i, r in enumerate(requests):
             if join_at.get(i, 0) == step:
                 params = SamplingParams(max_new_tokens=r["max_new_tokens"], ignore_eos=True)
-                rids[eng.add_request(r["prompt_ids"], params, **r["images"])] = i
+                rids[eng.add_request(r["prompt_ids"], params, **r["images"], **r.get("rope", {}))] = i
         for o in eng.step():
             toks, lps = out.setdefault(rids[o.req_id], ([], []))
             toks.append(o.token_id)
@@ -294,7 +332,8 @@ def test_emulated_graph_decode_matches_eager(pipe, eager_result):
         padded.append(size > n)
         assert batch.seq_lens[n:].eq(0).all() and batch.slots[n:].eq(eng.kv.scratch_slot).all()
         assert batch.req_rows[n:].eq(eng.table.pad_row).all()
-        assert batch.positions[n:].eq(eng.table.pad_position).all()
+        assert batch.table_index[n:].eq(eng.table.flat_index(eng.table.pad_row, eng.table.pad_position)).all()
+        assert batch.rope_positions[:, n:].eq(0).all()
         return replay(size, batch, n)
 
     eng.graphs.replay = spy_replay
@@ -329,14 +368,15 @@ def test_emulated_graphs_with_chunked_prefill(pipe):
 
 def test_run_copies_a_device_batch_into_the_static_inputs(pipe):
     eng = _engine(pipe, max_requests=8)
-    graphs = eng._init_graphs(emulate=True)
+    graphs = eng.runner.capture_graphs(emulate=True)
     for r in _requests(pipe, 3, seed=5, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()  # prefill: every request now decodes
-    batch, plan, _ = eng._build_batch(eng.running)
+    plan = eng.scheduler.schedule()
+    batch, _ = eng.runner.prepare(plan, None)
     assert batch.is_decode and len(plan) == 3
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table)
-    got = graphs.run(batch)
+    got = run_graph(graphs, batch)
     assert got.shape == expected.shape == (3, expected.shape[1])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for r in list(eng.running):
@@ -352,7 +392,7 @@ def test_capture_failure_falls_back_to_eager(pipe, monkeypatch, caplog):
 
     monkeypatch.setattr(DecodeGraphs, "capture", boom)
     with caplog.at_level(logging.WARNING, logger="mmserver.engine"):
-        assert eng._init_graphs() is None
+        assert eng.runner.capture_graphs() is None
     assert "decoding eagerly" in caplog.text and "capture went wrong" in caplog.text
 
 
@@ -366,15 +406,14 @@ def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[
     try:
         model = InternVLModel.load(ckpt, progress=False, tp=tp)
         cfg = EngineConfig(max_total_tokens=2048, max_requests=8, max_req_len=256)
-        if rank > 0:  # plain tensors, as the server's model worker: pad rows must fit in them
-            kv = torch.zeros(model.llm.kv_shape(cfg.max_total_tokens), dtype=model.dtype)
-            table = torch.zeros((cfg.max_requests, cfg.max_req_len), dtype=torch.int32)
-            follow(model.llm, kv, table, tp)
+        if rank > 0:  # as the server's model worker: pad rows must fit in what it allocates
+            kv, table = allocate_kv(model.llm, cfg)
+            follow(model.llm, kv.buffer, table.table, tp)
             return
         leader = TPLeader(model.llm, tp)
         try:
             eng = Engine(leader, cfg)
-            eng.graphs = eng._init_graphs(emulate=True)
+            eng.graphs = eng.runner.capture_graphs(emulate=True)
             tokens = {i: t for i, (t, _) in _generate(eng, requests).items()}
             torch.save({"tokens": tokens, "replays": eng.graphs.replays}, out)
         finally:
@@ -411,9 +450,9 @@ class _LogitsRecorder:
     def __init__(self, sampler):
         self.sampler, self.logits = sampler, []
 
-    def __call__(self, logits, *args):
+    def __call__(self, logits, *args, **kwargs):
         self.logits.append(logits.clone())
-        return self.sampler(logits, *args)
+        return self.sampler(logits, *args, **kwargs)
 
 
 @needs_cuda
@@ -440,14 +479,14 @@ def test_graph_decode_matches_eager_on_gpu(gpu_pipe, n):
 @pytest.mark.parametrize("n", [3, 17])
 def test_graph_run_matches_forward_on_gpu(gpu_pipe, n):
     eng = _engine(gpu_pipe, cuda_graphs=False)
-    graphs = eng._init_graphs()
+    graphs = eng.runner.capture_graphs()
     assert graphs is not None and not graphs.emulated
     for r in _requests(gpu_pipe, n, seed=10 + n, images=False):
         eng.add_request(r["prompt_ids"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     eng.step()
-    batch, _, _ = eng._build_batch(eng.running)
+    batch, _ = eng.runner.prepare(eng.scheduler.schedule(), None)
     expected = eng.llm.forward(batch, eng.kv.buffer, eng.table.table).clone()
-    got = graphs.run(batch).clone()
+    got = run_graph(graphs, batch).clone()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     for r in list(eng.running):
         eng.abort(r.req_id)

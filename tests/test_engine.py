@@ -7,7 +7,7 @@ import pytest
 from mmserver import GenerationConfig
 from mmserver.engine.engine import Engine, EngineConfig
 from mmserver.engine.sampling import SamplingParams
-from mmserver.engine.scheduler import Footprint, peak_tokens
+from mmserver.engine.admission import Footprint, peak_tokens
 
 
 @pytest.fixture(scope="module")

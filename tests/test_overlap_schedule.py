@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mmserver.engine.engine import Engine
+from mmserver.engine.model_runner import fill_pending_ids
 from mmserver.engine.sampling import SamplingParams
 from test_cuda_graphs import _assert_same, _engine, _generate, _requests
 
@@ -145,5 +146,5 @@ def test_penalties_and_seeded_sampling_match(pipe, greedy_tokens):
 
 def test_fill_pending_ids():
     ids = torch.tensor([5, -1, 7, -3, -2])
-    Engine._fill_pending_ids(ids, torch.tensor([10, 11, 12]))
+    fill_pending_ids(ids, torch.tensor([10, 11, 12]))
     assert ids.tolist() == [5, 10, 7, 12, 11]

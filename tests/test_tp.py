@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 
 from mmserver.pipeline import Pipeline
 from mmserver.engine.engine import Engine, EngineConfig
-from mmserver.engine.kv_pool import KVPool, TokenTable
+from mmserver.engine.kv_pool import allocate_kv
 from mmserver.engine.sampling import SamplingParams
-from mmserver.engine.tp import (TPGroup, TPLeader, destroy_tp, follow, init_tp, local_kv_heads,
-                                shard_llm_weights, shard_vision_weights, shard_weights)
+from mmserver.engine.tp import TPLeader, follow
+from mmserver.models.parallel import (TPGroup, destroy_tp, init_tp, local_kv_heads, shard_llm_weights,
+                                      shard_vision_weights, shard_weights)
 from mmserver.models.internvl.config import LLMConfig, load_config
 from mmserver.models.internvl.model import InternVLModel, load_sharded_weights
 from mmserver.models.internvl.preprocess import preprocess_image
@@ -66,8 +67,7 @@ def _run_leader_follower(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
     each batch; the other ranks only `follow`."""
     cfg = _engine_config()
     if tp.rank > 0:
-        kv = KVPool(model.llm.kv_shape(cfg.max_total_tokens), model.dtype, model.device)
-        table = TokenTable(cfg.max_requests, cfg.max_req_len, model.device)
+        kv, table = allocate_kv(model.llm, cfg)
         return {"steps": follow(model.llm, kv.buffer, table.table, tp)}
     leader = TPLeader(model.llm, tp)
     requests = [{"prompt_ids": ids, **_image_inputs(ids, [emb] if emb is not None else [], job)}

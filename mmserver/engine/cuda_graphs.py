@@ -1,35 +1,34 @@
-"""Batch inputs in one host→device copy, and CUDA-graph replay of the decode forward.
+"""CUDA-graph replay of the decode forward: capture, padding, replay.
 
 A 1B decoder's decode step is a few hundred tiny kernels (24 layers × ~12 launches): on a GPU
 the launches and the Python around them cost far more than the math. `DecodeGraphs` captures
 `DecoderLM.forward` of an all-decode batch once per padded batch size and replays it.
 
-Inputs. `InputBuffers.pack` writes a batch's integer fields (`HostBatch`) into one pinned host
-buffer and copies it to the device with a single non-blocking copy; the `ForwardBatch` fields
-are typed views of that device buffer. The engine uses this for every batch. Each captured
-size owns such a buffer (its *static inputs*): a decode batch of B requests is padded on the
-host to the size P it replays with and packed straight into that buffer, so a graph step costs
-one copy, one token-table write and one replay.
+Inputs. Each captured size owns an `InputBuffers` (`batch_io`, which every batch goes
+through), its *static inputs*: a decode batch of B requests is padded on the host to the size
+S it replays with and packed straight into that buffer, so a graph step costs one copy, one
+token-table write and one replay.
 
 Padding. A pad row holds input id 0, `seq_len` 0 (the decode attention kernel returns zeros for
-it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot)
-and the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
-token-table write of the pad row is harmless too (see `kv_pool`). Pad rows also produce
-logits, which are dropped: only the first B rows are returned.
+it), the KV pool's reserved scratch slot (its K/V write lands there, never in a request's slot),
+the token table's pad cell as (row, position): a cell no request ever uses, so a follower's
+token-table write of the pad row is harmless too (see `kv_pool`), and RoPE position 0 (any
+position the cos/sin table holds would do: the pad row's K/V go to the scratch slot). Pad rows
+also produce logits, which are dropped: only the first B rows are returned. Graphs capture
+plain RoPE (one row of positions, P = 1); other batches run eagerly.
 
 Fixed at capture: the tensors' addresses (static inputs, the KV pool, the token table), the
 batch size, and `max_seq_len`, which sets the decode kernel's split count; replays use the
 engine's `max_req_len` as capture did.
 
-Tensor parallelism: with `announce` (the engine passes `TPLeader`'s broadcast) the padded
+Tensor parallelism: with `announce` (the runner passes `TPLeader.announce`) the padded
 batch is broadcast to the follower ranks before each replay. They run it eagerly with the same
-P rows, so the all_reduces captured in rank 0's graph meet theirs with the same shapes.
+S rows, so the all_reduces captured in rank 0's graph meet theirs with the same shapes.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,25 +36,15 @@ import numpy as np
 import torch
 
 from ..models.llm.decoder import DecoderLM, ForwardBatch
+from .batch_io import HostBatch, InputBuffers, batch_bytes
+from .kv_pool import KVPool, TokenTable
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-ENV_SWITCH = "MMSERVER_CUDA_GRAPHS"  # "0" disables graphs
 WARMUP_RUNS = 2  # eager runs per size before its capture: triton compiles, cuBLAS / NCCL set up
-ALIGN = 16  # bytes; every field starts 16-byte aligned, as triton specializes on pointer alignment
-
-# (field, dtype) in packing order; the dtypes are ForwardBatch's.
-_FIELDS: tuple[tuple[str, np.dtype], ...] = (
-    ("input_ids", np.dtype(np.int64)), ("positions", np.dtype(np.int64)), ("table_index", np.dtype(np.int64)),
-    ("logit_rows", np.dtype(np.int64)), ("slots", np.dtype(np.int32)), ("req_rows", np.dtype(np.int32)),
-    ("cu_q", np.dtype(np.int32)), ("prefix_lens", np.dtype(np.int32)), ("seq_lens", np.dtype(np.int32)),
-    ("image_index", np.dtype(np.int32)),
-)
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
-
 
 def graphs_enabled(cuda_graphs: bool, device: torch.device) -> bool:
-    """Graphs only on CUDA, when the config asks for them and MMSERVER_CUDA_GRAPHS is not 0."""
-    return cuda_graphs and device.type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
+    """Graphs only on CUDA, when the config asks for them (`EngineConfig` folds in MMSERVER_CUDA_GRAPHS)."""
+    return cuda_graphs and device.type == "cuda"
 
 
 def graph_sizes(max_requests: int, sizes: Sequence[int] = DEFAULT_SIZES) -> list[int]:
@@ -67,149 +56,54 @@ def graph_sizes(max_requests: int, sizes: Sequence[int] = DEFAULT_SIZES) -> list
     return out
 
 
-@dataclass
-class HostBatch:
-    """A batch's integer fields on the host (lists or int arrays), before packing.
-
-    `table_index[t]` is `row * table_width + position` of token t: the engine writes the token
-    table with one scatter from it."""
-
-    input_ids: Sequence[int]  # [T]
-    positions: Sequence[int]  # [T]
-    table_index: Sequence[int]  # [T]
-    slots: Sequence[int]  # [T]
-    req_rows: Sequence[int]  # [B]
-    cu_q: Sequence[int]  # [B + 1]
-    prefix_lens: Sequence[int]  # [B]
-    seq_lens: Sequence[int]  # [B]
-    logit_rows: Sequence[int]  # [R]
-    max_q_len: int
-    max_seq_len: int
-    image_index: Sequence[int] | None = None  # [T], only with image rows
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.req_rows)
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def layout(lengths: dict[str, int]) -> tuple[list[tuple[str, np.dtype, int, int]], int]:
-    """(field, dtype, byte offset, count) of each present field, and the bytes they need."""
-    fields, offset = [], 0
-    for name, dtype in _FIELDS:
-        if name in lengths:
-            fields.append((name, dtype, offset, lengths[name]))
-            offset += _round_up(lengths[name] * dtype.itemsize, ALIGN)
-    return fields, offset
-
-
-def batch_bytes(tokens: int, requests: int, logit_rows: int, images: bool = True) -> int:
-    """Bytes `InputBuffers.pack` needs for a batch of this shape."""
-    lengths = {"input_ids": tokens, "positions": tokens, "table_index": tokens, "slots": tokens,
-               "logit_rows": logit_rows, "req_rows": requests, "cu_q": requests + 1, "prefix_lens": requests,
-               "seq_lens": requests}
-    if images:
-        lengths["image_index"] = tokens
-    return layout(lengths)[1]
-
-
-class InputBuffers:
-    """A pinned host buffer and a device buffer: `pack` turns a `HostBatch` into a `ForwardBatch`
-    with one host→device copy and no sync.
-
-    The returned views alias the device buffer: they are valid until the next `pack`. Copies are
-    stream-ordered before later kernels, and `pack` waits for the previous copy to have read the
-    host buffer before overwriting it (a step without sampling does not sync the stream).
-    With `growable=False` (graph static inputs) the buffers never move."""
-
-    def __init__(self, device: torch.device | str, capacity: int, growable: bool = True):
-        self.device = torch.device(device)
-        self.growable = growable
-        self._cuda = self.device.type == "cuda"
-        self._copied = torch.cuda.Event() if self._cuda else None
-        self._alloc(max(capacity, ALIGN))
-
-    def _alloc(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.host = torch.zeros(capacity, dtype=torch.uint8, pin_memory=self._cuda)
-        self._host_np = self.host.numpy()
-        self.dev = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
-
-    def pack(self, hb: HostBatch, image_rows: torch.Tensor | None = None) -> tuple[ForwardBatch, torch.Tensor]:
-        """(the ForwardBatch, the table_index view) on the device."""
-        lengths = {name: len(v) for name, _ in _FIELDS if (v := getattr(hb, name)) is not None}
-        fields, nbytes = layout(lengths)
-        if nbytes > self.capacity:
-            if not self.growable:
-                raise ValueError(f"batch needs {nbytes} bytes of static inputs, {self.capacity} reserved")
-            self._alloc(max(nbytes, 2 * self.capacity))  # the old host buffer stays alive until its copy ends
-        elif self._copied is not None:
-            self._copied.synchronize()
-        for name, dtype, off, n in fields:
-            self._host_np[off:off + n * dtype.itemsize].view(dtype)[:] = getattr(hb, name)
-        self.dev[:nbytes].copy_(self.host[:nbytes], non_blocking=self._cuda)
-        if self._copied is not None:
-            self._copied.record()
-        v = {name: self.dev[off:off + n * dtype.itemsize].view(_TORCH_DTYPES[dtype]) for name, dtype, off, n in fields}
-        batch = ForwardBatch(input_ids=v["input_ids"], positions=v["positions"], slots=v["slots"],
-                             req_rows=v["req_rows"], cu_q=v["cu_q"], prefix_lens=v["prefix_lens"],
-                             seq_lens=v["seq_lens"], max_q_len=hb.max_q_len, max_seq_len=hb.max_seq_len,
-                             logit_rows=v["logit_rows"], image_rows=image_rows, image_index=v.get("image_index"))
-        return batch, v["table_index"]
-
-
 @dataclass(frozen=True)
 class PadValues:
-    """What a pad row holds: a KV slot and a token-table cell (row, position) that no request uses."""
+    """What a pad row holds: a KV slot and a token-table cell that no request uses (its RoPE position is 0)."""
 
     slot: int
     row: int
-    position: int
-    table_index: int  # flat token-table index of (row, position)
+    table_index: int  # flat token-table index of the pad cell (row, the table's pad position)
+
+    @classmethod
+    def of(cls, kv: KVPool, table: TokenTable) -> PadValues:
+        """The scratch slot and the pad cell that `kv_pool` reserves."""
+        return cls(kv.scratch_slot, table.pad_row, table.flat_index(table.pad_row, table.pad_position))
+
+
+def paddable(hb: HostBatch) -> bool:
+    """A batch a decode graph can run: one token per request, every one producing logits, no images,
+    plain RoPE."""
+    return (hb.max_q_len <= 1 and len(hb.input_ids) == hb.num_requests == len(hb.logit_rows)
+            and hb.image_index is None and hb.rope_rows == 1)
+
+
+def _padded(values: Sequence[int] | np.ndarray, k: int, fill: int) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    return np.concatenate([values, np.full(k, fill, dtype=np.int64)])
 
 
 def pad_decode(hb: HostBatch, size: int, pad: PadValues, max_seq_len: int) -> HostBatch:
-    """`hb` (an all-decode batch with every row producing logits) padded to `size` rows."""
+    """`hb` (a `paddable` batch) padded to `size` rows."""
     b = hb.num_requests
-    if not (hb.max_q_len <= 1 and len(hb.input_ids) == b == len(hb.logit_rows) and hb.image_index is None):
-        raise ValueError("only all-decode batches without images, every row producing logits, can be padded")
+    if not paddable(hb):
+        raise ValueError("only all-decode batches without images, every row producing logits, with plain "
+                         "RoPE can be padded")
     if size < b:
         raise ValueError(f"cannot pad {b} rows to {size}")
     k = size - b
     return HostBatch(
-        input_ids=list(hb.input_ids) + [0] * k, positions=list(hb.positions) + [pad.position] * k,
-        table_index=list(hb.table_index) + [pad.table_index] * k,
-        slots=np.concatenate([np.asarray(hb.slots, dtype=np.int32), np.full(k, pad.slot, dtype=np.int32)]),
-        req_rows=list(hb.req_rows) + [pad.row] * k, cu_q=list(range(size + 1)),
-        prefix_lens=list(hb.prefix_lens) + [0] * k, seq_lens=list(hb.seq_lens) + [0] * k,
-        logit_rows=list(range(size)), max_q_len=1, max_seq_len=max_seq_len)
-
-
-# Per-row fields of a decode batch; cu_q and logit_rows are aranges, fixed in the static inputs.
-_ROW_FIELDS = ("input_ids", "positions", "slots", "req_rows", "prefix_lens", "seq_lens")
-
-
-@torch.inference_mode()  # the static inputs are created in inference mode
-def copy_into_static(static: ForwardBatch, batch: ForwardBatch, pad: PadValues) -> None:
-    """Copy a device decode batch of B rows into a larger static batch: rows [:B] from `batch`,
-    rows [B:] reset to pad values (stale rows would write K/V into slots requests now own)."""
-    n = batch.req_rows.numel()
-    fills = {"positions": pad.position, "slots": pad.slot, "req_rows": pad.row}
-    for name in _ROW_FIELDS:
-        dst = getattr(static, name)
-        dst[:n].copy_(getattr(batch, name))
-        dst[n:].fill_(fills.get(name, 0))
+        input_ids=_padded(hb.input_ids, k, 0), rope_positions=_padded(hb.rope_positions, k, 0),
+        table_index=_padded(hb.table_index, k, pad.table_index), slots=_padded(hb.slots, k, pad.slot),
+        req_rows=_padded(hb.req_rows, k, pad.row), cu_q=np.arange(size + 1), prefix_lens=_padded(hb.prefix_lens, k, 0),
+        seq_lens=_padded(hb.seq_lens, k, 0), logit_rows=np.arange(size), max_q_len=1, max_seq_len=max_seq_len)
 
 
 class DecodeGraphs:
     """CUDA graphs of `model.forward` on all-decode batches, one per padded size.
 
-    `capture()` once, then either pack a padded host batch into `inputs(P)` and `replay` (the
-    engine: no device-side copies), or `run(batch)` a device batch (copies into the static
-    inputs). The logits returned alias the graph's output: use them before the next replay.
+    `capture()` once, then pack a padded host batch into `inputs(S)` and `replay` it (no
+    device-side copies). The logits returned alias the graph's output: use them before the
+    next replay.
     `capture(emulate=True)` skips CUDA graphs and replays by running the static batch eagerly:
     the same padding, buffers and bookkeeping, testable on CPU.
     """
@@ -234,10 +128,6 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
 
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
     def bucket(self, n: int) -> int | None:
         """The smallest captured size >= n, or None (run eagerly)."""
         i = bisect.bisect_left(self.sizes, n)
@@ -253,7 +143,7 @@ class DecodeGraphs:
     def capture(self, emulate: bool = False) -> None:
         empty = HostBatch([], [], [], [], [], [0], [], [], [], max_q_len=1, max_seq_len=self.max_seq_len)
         for size in self.sizes:
-            self._static[size], _ = self._inputs[size].pack(self.pad_batch(empty, size))
+            self._static[size] = self._inputs[size].pack(self.pad_batch(empty, size))
         self.emulated = emulate
         if emulate:
             return
@@ -298,16 +188,3 @@ class DecodeGraphs:
             self.announce(static)
         self._graphs[size].replay()
         return self._outputs[size][:n]
-
-    @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B, vocab] of a device decode batch of B rows (B <= max_size, no images)."""
-        n = batch.req_rows.numel()
-        size = self.bucket(n)
-        if size is None or not batch.is_decode or batch.image_rows is not None or batch.logit_rows.numel() != n:
-            raise ValueError("run() takes all-decode batches without images of at most max_size rows; "
-                             "run others eagerly")
-        static = self._static[size]
-        copy_into_static(static, batch, self.pad)
-        return self.replay(size, static, n)
-

@@ -6,7 +6,8 @@ position) → slot for the attention kernels.
 
 CUDA-graph padding rows (see `cuda_graphs`) need a KV slot and a token-table cell that no request
 uses. Rank 0 broadcasts padded batches to tensor-parallel followers, which write them too, so
-both live in the shapes every rank allocates (`DecoderLM.kv_shape(N)`, `[max_requests, max_len]`):
+both live in what every rank allocates through `allocate_kv` (`DecoderLM.kv_shape(N)`,
+`[max_requests, max_len]`):
 
 * the scratch slot is the buffer's last slot: `kv_shape(N)` has N + 1 slots and `KVPool` never
   hands out or counts the last one (`num_slots`, `free`, `used` cover the N usable slots);
@@ -17,8 +18,16 @@ both live in the shapes every rank allocates (`DecoderLM.kv_shape(N)`, `[max_req
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence, TypeVar
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..models.llm.decoder import DecoderLM
+    from .config import EngineConfig
+
+Index = TypeVar("Index", int, np.ndarray)
 
 
 class KVPoolExhausted(RuntimeError):
@@ -92,39 +101,37 @@ class TokenTable:
         self._owned.add(row)
         return row
 
-    def flat_index(self, row: int, position: int) -> int:
+    def flat_index(self, row: Index, position: Index) -> Index:
         """Index of (row, position) in `table.view(-1)`, for `write`."""
         return row * self.max_len + position
 
     def record(self, row: int, start: int, slots: np.ndarray | torch.Tensor) -> None:
         """Host side only: positions start..start+n of `row` live in `slots` (appended in order).
         The device table is written by `write`, batched over a step."""
-        n = len(slots)
-        if start + n > self.pad_position:  # a request never feeds its last token back (see the module doc)
-            raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
-        if row not in self._owned or start != self._lens[row]:
-            raise RuntimeError(f"row {row}: positions must be appended in order to an allocated row")
-        self._host[row, start:start + n] = np.asarray(slots)
-        self._lens[row] = start + n
+        self.record_step([row], [start], [len(slots)], np.asarray(slots))
 
-    def record_decode(self, rows: list[int], positions: list[int], slots: np.ndarray) -> None:
-        """`record` of one token for each of many rows (a decode step), vectorized."""
-        rows_a, pos_a = np.asarray(rows), np.asarray(positions)
-        if len(rows) and pos_a.max() >= self.pad_position:
+    def record_step(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
+                    slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`record` for a whole step: row rows[i] appends counts[i] positions from starts[i] on,
+        whose slots lie packed in `slots` in row order. Returns each token's position and its
+        `flat_index`, from which `write` fills the device table in one scatter."""
+        rows_a, starts_a = np.asarray(rows, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+        counts_a = np.asarray(counts, dtype=np.int64)
+        ends = starts_a + counts_a
+        if len(rows) and ends.max() > self.pad_position:  # a request never feeds its last token back
             raise KVPoolExhausted(f"request longer than the token table's {self.max_len} positions")
-        if not (self._owned.issuperset(rows) and np.array_equal(self._lens[rows_a], pos_a)):
-            raise RuntimeError("decode positions must follow each allocated row's recorded ones")
-        self._host[rows_a, pos_a] = slots
-        self._lens[rows_a] = pos_a + 1
+        if not (self._owned.issuperset(rows) and np.array_equal(self._lens[rows_a], starts_a)):
+            raise RuntimeError("a row's positions must be appended in order to an allocated row")
+        token_rows = np.repeat(rows_a, counts_a)
+        first = np.cumsum(counts_a) - counts_a  # each row's first token in `slots`
+        positions = np.arange(len(token_rows)) + np.repeat(starts_a - first, counts_a)
+        self._host[token_rows, positions] = slots
+        self._lens[rows_a] = ends
+        return positions, self.flat_index(token_rows, positions)
 
     def write(self, flat_index: torch.Tensor, slots: torch.Tensor) -> None:
         """table.view(-1)[flat_index] = slots: one scatter for a whole batch (device tensors)."""
         self.table.view(-1).index_copy_(0, flat_index, slots)
-
-    def append(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """`record` plus the device write for one row (the engine batches writes with `write`)."""
-        self.record(row, start, slots)
-        self.table[row, start:start + len(slots)] = slots.to(self.table.device, non_blocking=True)
 
     def held(self, row: int) -> torch.Tensor:
         """The slots `row` holds, in position order (host int32)."""
@@ -139,3 +146,10 @@ class TokenTable:
         self._lens[row] = 0
         self._free_rows.append(row)
         return held
+
+
+def allocate_kv(llm: DecoderLM, config: EngineConfig) -> tuple[KVPool, TokenTable]:
+    """One rank's KV pool and token table for `config`. Rank 0's engine and the tensor-parallel
+    followers both allocate here, so every rank has the same slots, scratch slot and pad cell."""
+    pool = KVPool(llm.kv_shape(config.max_total_tokens), llm.dtype, llm.device)
+    return pool, TokenTable(config.max_requests, config.max_req_len, llm.device)

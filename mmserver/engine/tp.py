@@ -1,23 +1,15 @@
 """Driving tensor-parallel follower ranks from rank 0's Engine.
 
-The model-side pieces (process group, sharding) live in `mmserver.models.parallel` and are
-re-exported here for the processes that start ranks.
+The model-side pieces (process group, sharding) live in `mmserver.models.parallel`; import
+them from there.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..models.parallel import (TPGroup, destroy_tp, init_tp, local_kv_heads, shard_llm_weights,
-                               shard_vision_weights, shard_weights)
-
-__all__ = ["TPGroup", "init_tp", "destroy_tp", "local_kv_heads", "shard_llm_weights", "shard_vision_weights",
-           "shard_weights", "broadcast_batch", "write_token_table", "TPLeader", "follow"]
-
-if TYPE_CHECKING:
-    from ..models.llm.decoder import DecoderLM, ForwardBatch
+from ..models.llm.decoder import DecoderLM, ForwardBatch
+from ..models.parallel import TPGroup
 
 
 # ---------------------------------------------------------------------------------------
@@ -25,11 +17,11 @@ if TYPE_CHECKING:
 #
 # Rank 0 runs the Engine (scheduling, KV slot allocation, sampling); the other ranks run only
 # the forward. Everything a follower needs per step is in the ForwardBatch: its token-table
-# writes are (req_rows, positions) → slots, and its KV writes go to batch.slots, so its KV
+# writes are table_index → slots, and its KV writes go to batch.slots, so its KV
 # pool and token table stay in step with rank 0's without any allocator of its own.
 
 _STOP, _FORWARD = 0, 1
-_HEADER = 8  # op, T, B, R, M, max_q_len, max_seq_len, has_image
+_HEADER = 9  # op, T, B, R, M, max_q_len, max_seq_len, has_image, P (rows of RoPE positions)
 
 
 def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.device | str, hidden: int,
@@ -39,8 +31,6 @@ def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.devic
     Three broadcasts at most: a fixed-size header, every integer tensor packed into one, and
     the image embedding rows when the batch has any.
     """
-    from ..models.llm.decoder import ForwardBatch  # noqa: F811 (runtime import: the decoder imports this module)
-
     if tp.rank == 0:
         if stop:
             tp.broadcast(torch.zeros(_HEADER, dtype=torch.int64, device=device))
@@ -49,34 +39,32 @@ def broadcast_batch(tp: TPGroup, batch: ForwardBatch | None, device: torch.devic
         has_image = b.image_rows is not None
         m = b.image_rows.shape[0] if has_image else 0
         header = [_FORWARD, b.input_ids.numel(), b.req_rows.numel(), b.logit_rows.numel(), m, b.max_q_len,
-                  b.max_seq_len, int(has_image)]
+                  b.max_seq_len, int(has_image), b.rope_positions.shape[0]]
         tp.broadcast(torch.tensor(header, dtype=torch.int64, device=device))
-        ints = [b.input_ids, b.positions, b.slots, b.req_rows, b.cu_q, b.prefix_lens, b.seq_lens, b.logit_rows]
-        if has_image:
-            ints.append(b.image_index)
+        ints = [b.input_ids, b.rope_positions.reshape(-1), b.table_index, b.slots, b.req_rows, b.cu_q, b.prefix_lens,
+                b.seq_lens, b.logit_rows] + ([b.image_index] if has_image else [])
         tp.broadcast(torch.cat([t.to(device, torch.int64) for t in ints]))
         if has_image:
             tp.broadcast(b.image_rows.to(device, dtype).contiguous())
         return batch
     header = tp.broadcast(torch.empty(_HEADER, dtype=torch.int64, device=device)).tolist()
-    op, t, nb, r, m, max_q, max_seq, has_image = header
+    op, t, nb, r, m, max_q, max_seq, has_image, p = header
     if op == _STOP:
         return None
-    sizes = [t, t, t, nb, nb + 1, nb, nb, r] + ([t] if has_image else [])
+    sizes = [t, p * t, t, t, nb, nb + 1, nb, nb, r] + ([t] if has_image else [])
     ints = tp.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=device)).split(sizes)
     i32 = torch.int32
     image_rows = tp.broadcast(torch.empty((m, hidden), dtype=dtype, device=device)) if has_image else None
-    return ForwardBatch(input_ids=ints[0], positions=ints[1], slots=ints[2].to(i32), req_rows=ints[3].to(i32),
-                        cu_q=ints[4].to(i32), prefix_lens=ints[5].to(i32), seq_lens=ints[6].to(i32),
-                        max_q_len=max_q, max_seq_len=max_seq, logit_rows=ints[7], image_rows=image_rows,
-                        image_index=ints[8].to(i32) if has_image else None)
+    return ForwardBatch(input_ids=ints[0], rope_positions=ints[1].view(p, t), table_index=ints[2],
+                        slots=ints[3].to(i32), req_rows=ints[4].to(i32), cu_q=ints[5].to(i32),
+                        prefix_lens=ints[6].to(i32), seq_lens=ints[7].to(i32), max_q_len=max_q, max_seq_len=max_seq,
+                        logit_rows=ints[8], image_rows=image_rows, image_index=ints[9].to(i32) if has_image else None)
 
 
 def write_token_table(batch: ForwardBatch, token_table: torch.Tensor) -> None:
-    """What rank 0's Engine did with `TokenTable.append`: table[row of token, its position] = its slot."""
-    q_lens = batch.cu_q[1:] - batch.cu_q[:-1]
-    rows = batch.req_rows.long().repeat_interleave(q_lens, output_size=batch.input_ids.numel())
-    token_table[rows, batch.positions] = batch.slots.to(token_table.dtype)
+    """What rank 0's `TokenTable.write` did: each new token's slot into its cell (`batch.table_index`,
+    from the token's cache position, never from its RoPE position)."""
+    token_table.view(-1).index_copy_(0, batch.table_index, batch.slots.to(token_table.dtype))
 
 
 class TPLeader:
@@ -89,8 +77,12 @@ class TPLeader:
     def __getattr__(self, name: str):  # device, dtype, cfg, kv_shape, ...: the wrapped model's
         return getattr(self.llm, name)
 
-    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+    def announce(self, batch: ForwardBatch) -> None:
+        """Send `batch` to the followers (before running it here, eagerly or from a graph)."""
         broadcast_batch(self.tp, batch, self.llm.device, self.llm.cfg.hidden_size, self.llm.dtype)
+
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
+        self.announce(batch)
         return self.llm.forward(batch, kv_pool, token_table)
 
     def stop(self) -> None:
@@ -100,8 +92,8 @@ class TPLeader:
 def follow(llm: DecoderLM, kv_pool: torch.Tensor, token_table: torch.Tensor, tp: TPGroup) -> int:
     """Ranks > 0: run rank 0's batches until it stops; returns the number of steps run.
 
-    `kv_pool` is `llm.kv_shape(N)` with rank 0's N; `token_table` is [max_requests, max_req_len]
-    int32, as rank 0's Engine. The logits are dropped: rank 0 samples.
+    `kv_pool` and `token_table` are the buffers of `kv_pool.allocate_kv(llm, config)` with rank
+    0's config, as its Engine allocates them. The logits are dropped: rank 0 samples.
     """
     steps = 0
     while (batch := broadcast_batch(tp, None, llm.device, llm.cfg.hidden_size, llm.dtype)) is not None:

@@ -7,7 +7,7 @@ one all_reduce. Embedding, norms, lm_head and mlp1 are replicated: they are smal
 the layers, and replicating them keeps every rank's logits identical with no extra
 collective (at the cost of vocab×hidden memory on every rank).
 
-Only all_reduce / all_gather / broadcast are used, so gloo (CPU) and NCCL (GPU) both work.
+Only all_reduce and broadcast are used, so gloo (CPU) and NCCL (GPU) both work.
 How rank 0's engine drives the other ranks lives in `mmserver.engine.tp`.
 """
 
@@ -33,15 +33,6 @@ class TPGroup:
         if self.size > 1:
             dist.all_reduce(t, group=self.group)
         return t
-
-    def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's `t` along the last dim, in rank order."""
-        if self.size == 1:
-            return t
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t, group=self.group)
-        return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `t` on every rank with rank `src`'s `t` (same shape and dtype everywhere)."""

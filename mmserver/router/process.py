@@ -92,10 +92,10 @@ class Router:
 
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     """Join the tensor-parallel group (if any) and load this rank's shard of the LLM."""
-    from ..engine.tp import init_tp
     from ..models.internvl.config import load_config
     from ..models.internvl.model import load_sharded_weights
     from ..models.llm.decoder import DecoderLM
+    from ..models.parallel import init_tp
     device = args.resolved_device
     tp = init_tp(tp_rank, args.tp, init_method)
     if device == "cuda":
@@ -136,14 +136,13 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
 
 def run_model_worker(ready, args: ServerArgs, tp_rank: int, init_method: str) -> None:
     """Process entry (tp rank > 0): run rank 0's batches on this rank's shard until it stops."""
+    from ..engine.kv_pool import allocate_kv
     from ..engine.tp import follow
 
     _, llm, tp, engine_cfg, _ = _load_llm(args, tp_rank, init_method)
-    kv_pool = torch.zeros(llm.kv_shape(engine_cfg.max_total_tokens), dtype=llm.dtype, device=llm.device)
-    token_table = torch.zeros((engine_cfg.max_requests, engine_cfg.max_req_len), dtype=torch.int32,
-                              device=llm.device)
+    kv, table = allocate_kv(llm, engine_cfg)  # rank 0's shapes, scratch slot and pad cell included
     ready()
-    follow(llm, kv_pool, token_table, tp)
+    follow(llm, kv.buffer, table.table, tp)
 
 
 def serve_forever(router: Router, inputs: list[Connection]) -> None:

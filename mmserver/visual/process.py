@@ -41,7 +41,7 @@ def _join_group(args, dp_rank: int, tp_rank: int, init_method: str):
     """Pick this rank's GPU (group-major) and join the group's tensor-parallel process group."""
     import torch
 
-    from ..engine.tp import init_tp
+    from ..models.parallel import init_tp
 
     if args.resolved_device == "cuda":
         torch.cuda.set_device((dp_rank * args.visual_tp + tp_rank) % torch.cuda.device_count())

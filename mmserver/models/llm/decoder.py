@@ -23,7 +23,13 @@ class ForwardBatch:
     """Everything one forward needs; tensors live on the model's device."""
 
     input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
+    # [P, T] int64: RoPE position of each new token, one row per rotary section (P = 1: plain
+    # RoPE). Not its place in the KV cache: M-RoPE families give image tokens 2-D positions.
+    rope_positions: torch.Tensor
+    # [T] int64: where each new token's slot goes in the token table, row * width + its cache
+    # position (the index of the token in its request's sequence). Rank 0 and the TP followers
+    # write the table from it before the forward; the forward itself does not read it.
+    table_index: torch.Tensor
     slots: torch.Tensor  # [T] int32: KV slot of each new token
     req_rows: torch.Tensor  # [B] int32: token-table row of each request
     cu_q: torch.Tensor  # [B+1] int32: new-token offsets in the packed batch
@@ -41,7 +47,7 @@ class ForwardBatch:
 
 
 class DecoderLM:
-    """With `tp`, `weights` are this rank's shard (see `engine.tp.shard_llm_weights`): the rank
+    """With `tp`, `weights` are this rank's shard (see `models.parallel.shard_llm_weights`): the rank
     runs its own heads and MLP columns, and the o / down outputs are summed over ranks."""
 
     def __init__(self, cfg: LLMConfig, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
@@ -74,6 +80,9 @@ class DecoderLM:
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [R, vocab] for `batch.logit_rows`."""
         c, w = self.cfg, self.w
+        if batch.rope_positions.shape[0] != 1:
+            raise NotImplementedError("multi-section (M-RoPE) positions need a multi-section rope kernel")
+        positions = batch.rope_positions[0]
         h = kernels.embedding(batch.input_ids, w["llm.embed.weight"], batch.image_rows, batch.image_index)
         residual = None
         for i in range(c.num_layers):
@@ -82,7 +91,7 @@ class DecoderLM:
                 x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps), h
             else:
                 x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps, residual=residual)
-            h = self._attention(x, i, batch, kv_pool[i], token_table)
+            h = self._attention(x, i, batch, positions, kv_pool[i], token_table)
             x, residual = kernels.rms_norm(h, w[p + "norm2.weight"], c.rms_norm_eps, residual=residual)
             h = F.linear(kernels.silu_and_mul(F.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
             if self.tp:
@@ -93,7 +102,7 @@ class DecoderLM:
         x, _ = kernels.rms_norm(h, w["llm.norm.weight"], c.rms_norm_eps, residual=residual)
         return F.linear(x, w["llm.lm_head.weight"]).float()
 
-    def _attention(self, x: torch.Tensor, i: int, b: ForwardBatch, kv: torch.Tensor,
+    def _attention(self, x: torch.Tensor, i: int, b: ForwardBatch, positions: torch.Tensor, kv: torch.Tensor,
                    token_table: torch.Tensor) -> torch.Tensor:
         c, w = self.cfg, self.w
         p = f"llm.layers.{i}."
@@ -103,7 +112,7 @@ class DecoderLM:
         q = q.reshape(t, self.num_heads, c.head_dim)
         k = k.reshape(t, self.num_kv_heads, c.head_dim)
         v = v.reshape(t, self.num_kv_heads, c.head_dim)
-        kernels.rope_and_write_kv(q, k, v, kv, b.positions, b.slots, self.cos, self.sin)  # k: read from kv only
+        kernels.rope_and_write_kv(q, k, v, kv, positions, b.slots, self.cos, self.sin)  # k: read from kv only
         if b.is_decode:
             o = kernels.decode_attention(q, kv, token_table, b.req_rows, b.seq_lens, self.scale, b.max_seq_len)
         else:
