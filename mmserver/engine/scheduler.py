@@ -116,8 +116,8 @@ class Scheduler:
 
     def needs_host_tokens(self, r: Request) -> bool:
         """`r`'s next token cannot be sampled before its earlier tokens are on the host
-        (repetition/presence/frequency penalties count them there)."""
-        return r.params.has_penalties
+        (penalties count them there; a grammar's matcher has to accept them)."""
+        return r.params.needs_host_tokens
 
     def waits_for_host_tokens(self) -> bool:
         """The next batch holds a request that `needs_host_tokens`: resolve the step in flight first."""
