@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..errors import PromptError
+
 IMAGE_PLACEHOLDER = "<image>"
 _PAIR = "<img></img>"
 
 SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-
-
-class PromptError(ValueError):
-    """A prompt that does not fit its images (or otherwise cannot be built)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from .config import InternVLConfig, LLMConfig
+from ..llm.config import LLMConfig
+from .config import InternVLConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
