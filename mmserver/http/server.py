@@ -91,13 +91,13 @@ async def prepare(state: AppState, req: GenerateRequest, fit_to_context: bool = 
         raise Overloaded(f"server overloaded: {state.streams.in_flight} requests in flight")
     if req.images and not state.multimodal:
         raise BadRequest("images were sent but the server was started without --enable_multimodal")
-    images = await state.intake.load_images(req.images, req.image_max_patch_num)
-    ids = state.intake.tokenize(req.inputs, images)
+    images = await state.intake.load_images(req.images, req.image_options)
+    ids, spans = state.intake.tokenize(req.inputs, images)
     if fit_to_context:
         _fit_max_new_tokens(req.params, len(ids), state.intake.limits.max_req_len)
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     refs = await state.intake.take_cache_refs(images)
-    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs, state.intake.image_spans(ids),
+    serve = ServeRequest(state.streams.new_id(), ids, req.params, refs, spans,
                          t_arrival=arrival if arrival is not None else time.monotonic())
     return serve, refs
 
@@ -163,8 +163,8 @@ async def tokens(request: web.Request) -> web.Response:
     body = await json_body(request)
     req = parse_generate({**body, "parameters": body.get("parameters") or {}} if isinstance(body, dict) else body,
                          state.stop_token_ids, state.max_images)
-    images = await state.intake.load_images(req.images, req.image_max_patch_num)
-    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images))})
+    images = await state.intake.load_images(req.images, req.image_options)
+    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images)[0])})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from multiprocessing.connection import Connection, wait
+from typing import Callable
 
 import torch
 
@@ -26,8 +27,11 @@ MAX_REMEMBERED_ABORTS = 10000
 
 
 class Router:
-    def __init__(self, engine: Engine, out_conn: Connection, hidden: int, dtype: torch.dtype):
+    def __init__(self, engine: Engine, out_conn: Connection, hidden: int, dtype: torch.dtype,
+                 rope_inputs: Callable[..., dict] | None = None):
         self.engine = engine
+        # the model family's RoPE keywords of a prompt ({} for plain 0..L-1 positions)
+        self.rope_inputs = rope_inputs or (lambda ids, spans, grids: {})
         self.out = out_conn
         self.hidden = hidden
         self.dtype = dtype
@@ -58,8 +62,9 @@ class Router:
             return
         try:
             embeds = self._read_embeddings(req)
+            rope = self.rope_inputs(req.input_ids, req.image_spans, [r.grid for r in req.images])
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, image_spans=req.image_spans,
-                                    req_id=req.req_id)
+                                    req_id=req.req_id, **rope)
             self.prompt_tokens += len(req.input_ids)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
@@ -103,18 +108,16 @@ class Router:
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     """Join the tensor-parallel group (if any) and load this rank's shard of the LLM."""
     from ..engine.tp import init_tp
-    from ..models.internvl.config import load_config
-    from ..models.internvl.model import load_sharded_weights
-    from ..models.llm.decoder import DecoderLM
+    from ..models.registry import load_family
     device = args.resolved_device
     tp = init_tp(tp_rank, args.tp, init_method)
     if device == "cuda":
         torch.cuda.set_device(tp_rank % torch.cuda.device_count())
         device = f"cuda:{torch.cuda.current_device()}"
-    cfg = load_config(args.model_dir)
-    dtype = args.compute_dtype(cfg.torch_dtype)
-    weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("llm",), progress=False)
-    llm = DecoderLM(cfg.llm, weights, tp=tp if tp.size > 1 else None)
+    family = load_family(args.model_dir)
+    dtype = args.compute_dtype(family.config.torch_dtype)
+    weights = family.load_weights(device, dtype, tp, components=("llm",), progress=False, workers=args.load_workers)
+    llm = family.build_llm(weights, tp=tp if tp.size > 1 else None)
     engine_cfg = engine_config_for(args, llm)
     if tp.size > 1:  # every rank's pool must have the same slots: the smallest one's
         import torch.distributed as dist
@@ -123,7 +126,7 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
         dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.group)
         engine_cfg.max_total_tokens = int(slots.item())
         engine_cfg.max_req_len = min(engine_cfg.max_req_len, engine_cfg.max_total_tokens)
-    return cfg, llm, tp, engine_cfg, dtype
+    return family, llm, tp, engine_cfg, dtype
 
 
 def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection, to_http: Connection,
@@ -131,10 +134,10 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
     """Process entry (tp rank 0): load the LLM, size the KV pool, report ready, then loop forever."""
     from ..engine.tp import TPLeader
 
-    cfg, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
+    family, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
     model = TPLeader(llm, tp) if tp.size > 1 else llm
     engine = Engine(model, engine_cfg)
-    router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
+    router = Router(engine, to_http, family.config.llm.hidden_size, dtype, family.rope_inputs)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
         serve_forever(router, [from_http, from_visual], to_http)

@@ -98,9 +98,10 @@ def count_placeholders(prompt: str) -> int:
     return prompt.count(IMAGE_PLACEHOLDER) + prompt.count(_PAIR)
 
 
-def build_input_ids(tokenizer, prompt: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
-                    ids: SpecialIds) -> list[int]:
-    """Tokenize `prompt` and expand the i-th placeholder to `<img>` + context·256·tiles + `</img>`.
+def expand_prompt(tokenizer, prompt: str, token_counts: Sequence[int],
+                  ids: SpecialIds) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize `prompt` and expand the i-th placeholder to `<img>` + context·token_counts[i] +
+    `</img>` (256 per tile); returns the ids and each image's (start, length) context span.
 
     `<image>` becomes the pair `<img></img>` before tokenizing (both are single added tokens,
     so text on either side tokenizes as it would around the full expansion); the context
@@ -110,21 +111,24 @@ def build_input_ids(tokenizer, prompt: str, tiles_per_image: Sequence[int], toke
     if "<IMG_CONTEXT>" in prompt:
         raise PromptError("prompt contains the reserved token <IMG_CONTEXT>; mark images with <image>")
     n = count_placeholders(prompt)
-    if n != len(tiles_per_image):
+    if n != len(token_counts):
         raise PromptError(
-            f"prompt has {n} image placeholder(s) (<image>) but {len(tiles_per_image)} image(s) were given"
+            f"prompt has {n} image placeholder(s) (<image>) but {len(token_counts)} image(s) were given"
         )
     token_ids = tokenizer(prompt.replace(IMAGE_PLACEHOLDER, _PAIR), add_special_tokens=True)["input_ids"]
     out: list[int] = []
-    image = 0
+    spans: list[tuple[int, int]] = []
     for pos, tok in enumerate(token_ids):
         out.append(tok)
         if tok == ids.img_start and pos + 1 < len(token_ids) and token_ids[pos + 1] == ids.img_end:
-            out.extend([ids.img_context] * (tokens_per_tile * tiles_per_image[image]))
-            image += 1
-    if image != len(tiles_per_image):  # a placeholder glued to other text tokenized differently
-        raise PromptError(f"found {image} image placeholder(s) after tokenization, expected {len(tiles_per_image)}")
-    return out
+            if len(spans) == len(token_counts):
+                raise PromptError(f"found more image placeholders after tokenization than the {len(token_counts)} expected")
+            count = token_counts[len(spans)]
+            spans.append((len(out), count))
+            out.extend([ids.img_context] * count)
+    if len(spans) != len(token_counts):  # a placeholder glued to other text tokenized differently
+        raise PromptError(f"found {len(spans)} image placeholder(s) after tokenization, expected {len(token_counts)}")
+    return out, spans
 
 
 def context_spans(ids: Sequence[int], context_id: int) -> list[tuple[int, int]]:
