@@ -78,7 +78,7 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
     return ends
 
 
-async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special, stop_ids, ends: dict) -> None:
+async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict) -> None:
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
@@ -93,12 +93,11 @@ async def serve_http(args: ServerArgs, cluster: Cluster, cfg, tokenizer, special
     session = MediaFetcher(MediaPolicy.from_args(args.allowed_media_domains, args.allow_private_media_urls))
     cache = CacheClient(ends["cache_socket"]) if ends["cache_socket"] else None
     max_req_len = ends["router_info"]["max_req_len"]
-    model_dtype = args.compute_dtype(cfg.torch_dtype)
-    intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
-                    IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
-                                 max_req_len, args.cache_wait_s), cache, session,
-                    EmbedsInput(cluster.prefix, model_dtype), default_cap=args.max_patch_num)
-    streams = Streams(tokenizer, ends["to_router"], ends["to_visual"], intake.release)
+    model_dtype = args.compute_dtype(family.config.torch_dtype)
+    intake = Intake(family, IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
+                                         max_req_len, args.cache_wait_s), cache, session,
+                    EmbedsInput(cluster.prefix, model_dtype))
+    streams = Streams(family.tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 
     def health() -> str | None:
@@ -168,20 +167,18 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     configure_logging(args)
     args.limit_cpu_threads()
-    from .models.internvl.config import ConfigError, load_config, stop_token_ids
-    from .models.internvl.prompt import PromptError, SpecialIds
-    from .models.internvl.tokenizer import load_tokenizer
+    from .models.errors import ConfigError, PromptError
+    from .models.registry import load_family
 
     try:
-        cfg = load_config(args.model_dir)
-        tokenizer = load_tokenizer(args.model_dir, trust_remote_code=args.trust_remote_code)
-        special = SpecialIds.from_tokenizer(tokenizer)
+        family = load_family(args.model_dir, trust_remote_code=args.trust_remote_code)
+        family.tokenizer  # loaded and checked now: a bad tokenizer stops the start, not a request
     except (ConfigError, PromptError, OSError, ValueError) as e:
         fail(f"cannot load {args.model_dir}: {e}")
-    stop_ids = stop_token_ids(args.model_dir, tokenizer, cfg.llm.eos_token_ids)
+    stop_ids = family.stop_token_ids()
     cluster = new_cluster()
     try:
-        ends = start_workers(args, cluster, cfg)
+        ends = start_workers(args, cluster, family.config)
     except StartupError as e:
         cluster.shutdown()
         fail(str(e))
@@ -191,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        uvloop.run(serve_http(args, cluster, cfg, tokenizer, special, stop_ids, ends))
+        uvloop.run(serve_http(args, cluster, family, stop_ids, ends))
     except OSError as e:  # e.g. the port is taken
         fail(f"HTTP server: {e}")
     finally:

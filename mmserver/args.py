@@ -44,12 +44,10 @@ class ServerArgs:
     api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
     overlap_schedule: str = "auto"
     log_level: str = "info"
-    # From the environment (LightLLM's names), checked here so a bad value stops the start with
-    # its name. The first two are read again where they act (config.check_image_length,
-    # weights.load_weights), which also serve the offline pipeline with no ServerArgs.
-    image_length: int | None = None  # INTERNVL_IMAGE_LENGTH
+    # From the environment (LightLLM's name), checked here so a bad value stops the start with
+    # its name; the loaders pass it to the weight reader. A model family reads its own
+    # variables when it is built (models/<family>/family.py).
     load_workers: int = 1  # LOADWORKER
-    max_patch_num: int | None = None  # MAX_PATCH_NUM
 
     @property
     def resolved_device(self) -> str:
@@ -84,13 +82,17 @@ class ArgError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import env_help, supported
+
     p = argparse.ArgumentParser(
         prog="python -m mmserver.api_server",
-        description="Serve an InternVL checkpoint over HTTP (LightLLM-compatible /generate, OpenAI-compatible /v1).",
-        epilog="Environment: MMSERVER_API_KEY (the API key when --api_key is not given), INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
-               "LOADWORKER (threads reading weight shards), MAX_PATCH_NUM (default tile cap per image).")
+        description="Serve a vision-language checkpoint over HTTP (LightLLM-compatible /generate, "
+                    f"OpenAI-compatible /v1). Supported: {supported()}.",
+        epilog="Environment: MMSERVER_API_KEY (the API key when --api_key is not given), LOADWORKER (threads "
+               f"reading weight shards); {env_help()}.")
     a = p.add_argument
-    a("--model_dir", required=True, help="checkpoint directory (original or transformers InternVL layout)")
+    a("--model_dir", required=True,
+      help="checkpoint directory; its config.json picks the model family")
     a("--host", default="127.0.0.1", help="address to listen on")
     a("--port", type=int, default=8000, help="HTTP port")
     a("--tp", type=int, default=1, help="tensor-parallel ranks of the language model")
@@ -143,7 +145,7 @@ def _domain_list(raw: str) -> list[str]:
     return hosts
 
 
-def _env_int(name: str, minimum: int = 1) -> int | None:
+def env_int(name: str, minimum: int = 1) -> int | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return None
@@ -161,9 +163,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     batch_max = ns.batch_max_tokens if ns.batch_max_tokens is not None else ns.chunked_prefill_size
     args = ServerArgs(**{k: v for k, v in vars(ns).items() if k not in ("chunked_prefill_size", "batch_max_tokens")},
                       batch_max_tokens=batch_max)
-    args.image_length = _env_int("INTERNVL_IMAGE_LENGTH")
-    args.load_workers = _env_int("LOADWORKER") or 1
-    args.max_patch_num = _env_int("MAX_PATCH_NUM")
+    args.load_workers = env_int("LOADWORKER") or 1
     if args.api_key is None:
         args.api_key = os.environ.get("MMSERVER_API_KEY") or None
     check_args(args)

@@ -30,7 +30,8 @@ class ImageRef:
     n_tokens: int
     img_bytes: int
     needs_vit: bool
-    max_patch: int  # tile cap used for this image (part of the cache key)
+    options: str  # the model family's option key for this image (part of the cache key)
+    grid: tuple[int, ...] = ()  # family metadata from the image's header, for rope_inputs (Qwen2-VL: t, h, w)
     # Embeddings sent by the client: a segment the HTTP process owns (not a cache record,
     # record_id 0) and unlinks when the request ends; never goes through the ViT.
     precomputed: bool = False
@@ -42,7 +43,8 @@ class ServeRequest:
     input_ids: list[int]
     params: SamplingParams
     images: list[ImageRef] = field(default_factory=list)
-    image_spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) of each image's tokens
+    # (start, length) of each image's tokens, from the family's prompt expansion
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
     # time.monotonic() stamps, one clock for every process on the host: the TTFT breakdown of /metrics
     t_arrival: float = 0.0  # the HTTP handler started on this request
     t_sent: float = 0.0  # handed to the next process (HTTP → visual or router, visual → router)

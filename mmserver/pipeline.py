@@ -34,14 +34,11 @@ from .engine.engine import Engine, EngineConfig, StepOutput
 from .engine.sampling import SamplingParams
 from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
-from .models.internvl.config import stop_token_ids
-from .models.internvl.preprocess import ImageError, load_image, preprocess_image
-from .models.internvl.prompt import (IMAGE_PLACEHOLDER, PromptError, SpecialIds, build_input_ids, context_spans, get_template,
-                                     question_with_images)
-from .models.internvl.tokenizer import load_tokenizer
-from .models.registry import load_model
+from .models.errors import ImageError, PromptError
+from .models.family import ModelFamily, Span, VisionInput
+from .models.registry import load_family
 
-IMAGE_TOKEN = IMAGE_PLACEHOLDER  # "<image>": place images yourself in the text of (text, images)
+IMAGE_TOKEN = ModelFamily.image_placeholder  # "<image>": place images yourself in the text of (text, images)
 URL_TIMEOUT_S = 10.0
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,7 +60,7 @@ class GenerationConfig:
     min_new_tokens: int = 1
     stop_sequences: list[str] = field(default_factory=list)
     seed: int | None = None
-    image_max_patch_num: int = -1  # -1: the checkpoint's max_dynamic_patch
+    image_max_patch_num: int = -1  # -1: the model's default (an image option: the model family reads it)
     skip_special_tokens: bool = True
     logprobs: bool = False
 
@@ -126,7 +123,7 @@ class Message:
 @dataclass
 class ImageInput:
     source: Any  # PIL image, path, bytes, URL, or an embeddings tensor
-    max_patch: int | None = None  # this image's tile cap; None: the GenerationConfig's
+    options: dict = field(default_factory=dict)  # given with the image (e.g. max_dynamic_patch), for the family
 
 
 @dataclass
@@ -140,14 +137,15 @@ class Session:
 
 @dataclass
 class _Visual:
-    tiles: int
-    pixels: torch.Tensor | None = None  # [tiles, 3, 448, 448] of an image, encoded before it runs
-    embeds: torch.Tensor | None = None  # [tiles · image length, hidden] given by the caller
+    n_tokens: int
+    input: VisionInput | None = None  # an image, as its family's encoder takes it; encoded before it runs
+    embeds: torch.Tensor | None = None  # [n_tokens, hidden] given by the caller
 
 
 @dataclass
 class _Prepared:
     ids: list[int]
+    spans: list[Span]
     visuals: list[_Visual]
 
 
@@ -173,19 +171,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, checkpoint_dtype: str) 
 class Pipeline:
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
                  engine_config: EngineConfig | None = None, progress: bool = True):
-        from .models.internvl.config import load_config
+        from .args import env_int
 
         self.model_dir = Path(model_dir)
-        cfg = load_config(self.model_dir)
+        self.family = load_family(self.model_dir)
+        self.cfg = self.family.config
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
+        self.dtype = resolve_dtype(dtype, self.device, self.cfg.torch_dtype)
         self.progress = progress
-        self.model = load_model(self.model_dir, device=self.device, dtype=self.dtype, progress=progress)
-        self.cfg = self.model.cfg
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.special = SpecialIds.from_tokenizer(self.tokenizer)
-        self.template = get_template(self.cfg.template)
-        self.stop_token_ids = stop_token_ids(self.model_dir, self.tokenizer, self.cfg.llm.eos_token_ids)
+        self.model = self.family.load_model(self.device, self.dtype, progress=progress,
+                                            workers=env_int("LOADWORKER") or 1)
+        self.tokenizer = self.family.tokenizer
+        self.stop_token_ids = self.family.stop_token_ids()
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
         self.engine = Engine(self.model.llm, engine_config or EngineConfig())
@@ -239,36 +236,43 @@ class Pipeline:
         return results[0] if single else results
 
     def prepare(self, prompt: str, images: Sequence[Any] = (),
-                max_patches: int = -1) -> tuple[list[int], list[torch.Tensor]]:
+                image_max_patch_num: int = -1) -> tuple[list[int], list[torch.Tensor]]:
         """Tokenize a raw prompt with `<image>` placeholders and preprocess its images: the ids
-        and each image's pixel tiles (an embeddings input adds ids but no tiles)."""
-        p = self._prepare(prompt, [ImageInput(x) for x in images], max_patches)
-        return p.ids, [v.pixels for v in p.visuals if v.pixels is not None]
+        and each image's encoder input, as the reference processor gives it (an embeddings
+        input adds ids but no input). `image_max_patch_num` as in GenerationConfig."""
+        p = self._prepare(prompt, [ImageInput(x) for x in images], {"image_max_patch_num": image_max_patch_num})
+        return p.ids, [v.input.pixels for v in p.visuals if v.input is not None]
 
     # ----------------------------------------------------------------------------------
     # Inputs → conversations → prompts
 
     def _render(self, messages: list[Message]) -> tuple[str, list[ImageInput]]:
-        prompt = self.template.render([{"role": m.role, "content": m.parts} for m in messages],
-                                      self.cfg.system_message)
+        prompt = self.family.render_chat([{"role": m.role, "content": self._content(m)} for m in messages])
         return prompt, [img for m in messages for img in m.images]
 
-    def _prepare(self, prompt: str, images: list[ImageInput], max_patches: int | None) -> _Prepared:
-        cap = self.cfg.max_dynamic_patch if max_patches is None or max_patches < 0 else max(1, max_patches)
-        visuals = [self._visual(img, i, cap) for i, img in enumerate(images)]
-        ids = build_input_ids(self.tokenizer, prompt, [v.tiles for v in visuals], self.model.tokens_per_tile,
-                              self.special)
-        return _Prepared(ids, visuals)
+    def _content(self, m: Message) -> list[dict]:
+        if m.images and not any(part.get("type") == "image" for part in m.parts):
+            # a (text, images) turn: the family places its images in the text
+            text = "".join(part.get("text", "") for part in m.parts)
+            return [{"type": "text", "text": self.family.question_with_images(text, len(m.images))}]
+        return m.parts
 
-    def _visual(self, img: ImageInput, index: int, cap: int) -> _Visual:
-        tokens_per_tile = self.model.tokens_per_tile
+    def _prepare(self, prompt: str, images: list[ImageInput], request_options: dict[str, Any]) -> _Prepared:
+        self.family.image_options(request_options, {})  # checked even without images, as the server does
+        visuals = [self._visual(img, i, request_options) for i, img in enumerate(images)]
+        ids, spans = self.family.expand_prompt(prompt, [v.n_tokens for v in visuals])
+        return _Prepared(ids, spans, visuals)
+
+    def _visual(self, img: ImageInput, index: int, request_options: dict[str, Any]) -> _Visual:
         if embeds_io.is_tensor(img.source):
-            rows = embeds_io.check(embeds_io.as_torch(img.source, index), index, tokens_per_tile,
+            rows = embeds_io.check(embeds_io.as_torch(img.source, index), index, self.family.embeds_row_multiple,
                                    self.cfg.llm.hidden_size, self.dtype)
-            return _Visual(embeds_io.num_tiles(rows, tokens_per_tile), embeds=rows)
-        pixels = preprocess_image(load_image(self._fetch(img.source, index), index), max_num=img.max_patch or cap,
-                                  min_num=self.cfg.min_dynamic_patch, use_thumbnail=self.cfg.use_thumbnail)
-        return _Visual(pixels.shape[0], pixels=pixels)
+            return _Visual(rows.shape[0], embeds=rows)
+        options = self.family.image_options(request_options, img.options)
+        # Normalised on the host, as the reference processor does (the server's workers ship
+        # the compact form instead; the encoder gives the same rows for both).
+        x = self.family.preprocess(self._fetch(img.source, index), options, index, normalize=True)
+        return _Visual(x.n_tokens, input=x)
 
     def _fetch(self, source: Any, index: int) -> Any:
         """The bytes of an http(s) or data: URL; any other source as it is."""
@@ -290,7 +294,8 @@ class Pipeline:
         return the generator that runs them."""
         params = gen.sampling_params(self.stop_token_ids)
         params.validate()
-        prepared = [self._prepare(prompt, imgs, gen.image_max_patch_num) for prompt, imgs in requests]
+        options = {"image_max_patch_num": gen.image_max_patch_num}  # the request's image options, for the family
+        prepared = [self._prepare(prompt, imgs, options) for prompt, imgs in requests]
         return self._generate(prepared, params, gen)
 
     def _generate(self, prepared: list[_Prepared], params: SamplingParams,
@@ -300,7 +305,10 @@ class Pipeline:
             embeds = self._encode_all([v for p in prepared for v in p.visuals])
             for index, p in enumerate(prepared):
                 rows = [embeds.pop(0) for _ in p.visuals]
-                rid = self.engine.add_request(p.ids, _copy_params(params), **self.image_inputs(p.ids, rows))
+                rid = self.engine.add_request(p.ids, _copy_params(params), **self.image_inputs(p.ids, rows, p.spans),
+                                              **self.family.rope_inputs(p.ids, p.spans,
+                                                                        [v.input.grid if v.input else ()
+                                                                         for v in p.visuals]))
                 detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences),
                                                prompt_ids=p.ids)
                 live[rid] = _Live(index, len(p.ids), detok)
@@ -313,30 +321,24 @@ class Pipeline:
 
     @torch.inference_mode()
     def _encode_all(self, visuals: list[_Visual]) -> list[torch.Tensor]:
-        """Each image's embedding rows [tiles · image length, hidden]: given ones as they are,
-        the others encoded together (one ViT batch stream for the whole call)."""
-        pixels = [v.pixels for v in visuals if v.embeds is None]
-        hidden = self.cfg.llm.hidden_size
-        feats = self.model.vision.encode(torch.cat(pixels)).reshape(-1, hidden) if pixels else None
-        out, start = [], 0
-        for v in visuals:
-            if v.embeds is not None:
-                out.append(v.embeds.to(self.device))
-            else:
-                n = v.pixels.shape[0] * self.model.tokens_per_tile
-                out.append(feats[start:start + n])
-                start += n
-        return out
+        """Each image's embedding rows [n_tokens, hidden]: given ones as they are, the others
+        encoded together (one encoder batch stream for the whole call)."""
+        inputs = [v.input for v in visuals if v.embeds is None]
+        feats = iter(self.model.vision.encode_images(inputs) if inputs else [])
+        return [v.embeds.to(self.device) if v.embeds is not None else next(feats) for v in visuals]
 
-    def image_inputs(self, ids: list[int], rows: list[torch.Tensor]) -> dict[str, Any]:
-        """`Engine.add_request` keywords for a prompt and its images' embedding rows, in order."""
+    def image_inputs(self, ids: list[int], rows: list[torch.Tensor],
+                     spans: Sequence[Span] | None = None) -> dict[str, Any]:
+        """`Engine.add_request` keywords for a prompt and its images' embedding rows, in order;
+        `spans` from the prompt's expansion (without them the prompt is expanded again)."""
         if not rows:
             return {}
-        return {"image_embeds": torch.cat(rows), "image_spans": context_spans(ids, self.special.img_context)}
+        return {"image_embeds": torch.cat(rows),
+                "image_spans": list(spans if spans is not None else self.family.find_spans(ids))}
 
     def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Embedding rows of each image's tiles (as `prepare` returns them)."""
-        return self._encode_all([_Visual(p.shape[0], pixels=p) for p in pixels])
+        """Embedding rows of each image's input (as `prepare` returns them)."""
+        return self._encode_all([_Visual(0, input=VisionInput(p)) for p in pixels])
 
     def _advance(self, live: dict[int, _Live], out: StepOutput, want_logprobs: bool) -> StreamResponse:
         st = live[out.req_id]
@@ -402,9 +404,9 @@ def _conversation(item: Any) -> list[Message]:
 
 
 def _user_turn(text: str, images: list[Any]) -> Message:
-    # As InternVL's chat(): images before the question unless the text places them with <image>.
-    return Message("user", [{"type": "text", "text": question_with_images(text, len(images))}],
-                   [ImageInput(x) for x in images])
+    # The family places the images in the text (InternVL's chat(): before the question unless
+    # the text places them with <image>): see `Pipeline._render`.
+    return Message("user", [{"type": "text", "text": text}], [ImageInput(x) for x in images])
 
 
 def _openai_message(m: dict, index: int) -> Message:
@@ -427,12 +429,12 @@ def _openai_message(m: dict, index: int) -> Message:
 def _image_part(part: dict, kind: str, index: int) -> ImageInput:
     if kind == "image_url":
         value = part.get("image_url")
-        if isinstance(value, dict):
-            return ImageInput(value.get("url"), value.get("max_dynamic_patch"))
+        if isinstance(value, dict):  # other keys are the image's options, for the family
+            return ImageInput(value.get("url"), {k: v for k, v in value.items() if k != "url"})
         return ImageInput(value)
     if kind == "image_data":  # LMDeploy's {"type": "image_data", "image_data": {"data": PIL image}}
         value = part.get("image_data") or {}
-        return ImageInput(value.get("data"), value.get("max_dynamic_patch"))
+        return ImageInput(value.get("data"), {k: v for k, v in value.items() if k != "data"})
     if kind == "image_embeds":  # a tensor, or the server's base64 safetensors string
         value = part.get(kind)
         if isinstance(value, str):

@@ -35,9 +35,7 @@ from mmserver.embed_cache.process import run_cache  # noqa: E402
 from mmserver.embed_cache.service import CacheClient  # noqa: E402
 from mmserver.frontend.intake import Intake, IntakeLimits  # noqa: E402
 from mmserver.http.schemas import ImageSpec  # noqa: E402
-from mmserver.models.internvl.config import load_config  # noqa: E402
-from mmserver.models.internvl.prompt import SpecialIds  # noqa: E402
-from mmserver.models.internvl.tokenizer import load_tokenizer  # noqa: E402
+from mmserver.models.registry import load_family  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,13 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def run(args: argparse.Namespace, cfg, socket_path: str, bodies: list[tuple[str, list[str]]]) -> list[float]:
-    tokenizer = load_tokenizer(args.model_dir)
-    special = SpecialIds.from_tokenizer(tokenizer)
+async def run(args: argparse.Namespace, family, socket_path: str, bodies: list[tuple[str, list[str]]]) -> list[float]:
     session = aiohttp.ClientSession()
     cache = CacheClient(socket_path)
-    intake = Intake(cfg, tokenizer, special, cfg.image_tokens_per_tile,
-                    IntakeLimits(32 << 20, 10.0, None, 1 << 20, 10.0), cache, session)
+    intake = Intake(family, IntakeLimits(32 << 20, 10.0, None, 1 << 20, 10.0), cache, session)
     latencies: list[float] = []
     todo = iter(bodies)
     bar = tqdm(total=len(bodies), desc="intake", unit="req", file=sys.stderr)
@@ -65,7 +60,7 @@ async def run(args: argparse.Namespace, cfg, socket_path: str, bodies: list[tupl
     async def one(prompt: str, images: list[str]) -> None:
         start = time.perf_counter()
         specs = [ImageSpec("base64", data) for data in images]
-        prepared = await intake.load_images(specs, 0)
+        prepared = await intake.load_images(specs, {})
         intake.tokenize(prompt, prepared)
         refs = await intake.take_cache_refs(prepared)
         latencies.append(time.perf_counter() - start)
@@ -93,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = bw.build_workload(args.workload, args.num_requests)
     bodies = [(r.prompt.replace(bw.IMAGE_PLACEHOLDER, "<image>"),
                [base64.b64encode(png).decode("ascii") for png in r.images]) for r in requests]
-    cfg = load_config(args.model_dir)
+    family = load_family(args.model_dir)
+    cfg = family.config
     socket_path = os.path.join(tempfile.mkdtemp(prefix="bench-intake-"), "cache.sock")
     ready = mp.Event()
     proc = mp.Process(target=run_cache, daemon=True,
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the cache process did not start")
     try:
         start = time.perf_counter()
-        lat = uvloop.run(run(args, cfg, socket_path, bodies))
+        lat = uvloop.run(run(args, family, socket_path, bodies))
         duration = time.perf_counter() - start
     finally:
         proc.terminate()

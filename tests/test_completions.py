@@ -29,7 +29,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def tokenizer(ckpt):
-    from mmserver.models.internvl.tokenizer import load_tokenizer
+    from mmserver.models.tokenizer import load_tokenizer
 
     return load_tokenizer(str(ckpt))
 
@@ -156,7 +156,7 @@ BAD = {
     "token_out_of_vocab": ({"prompt": [1, 10**9]}, "prompt[0][1]: token id 1000000000 is outside the vocabulary",
                            "prompt"),
     "negative_token": ({"prompt": [[5], [-1]]}, "prompt[1][0]: token id -1 is outside", "prompt"),
-    "image_token": ({"prompt": "<IMG_CONTEXT> hi"}, "prompt[0] contains the reserved token <IMG_CONTEXT>", "prompt"),
+    "image_token": ({"prompt": "<IMG_CONTEXT> hi"}, "prompt[0] contains the model's reserved image token", "prompt"),
     "empty_string": ({"prompt": ""}, "prompt[0] is empty (0 tokens)", "prompt"),
     "n_over_max": ({"prompt": "hi", "n": 9}, "'n' must be an integer in [1, 8] (--max_n), got 9", "n"),
     "best_of": ({"prompt": "hi", "best_of": 3}, "'best_of' other than n is not supported", "best_of"),

@@ -193,9 +193,9 @@ def test_repetition_penalty_forbids_seen_tokens(pipe):
 def test_chat_call_applies_template(pipe, image_factory_module):
     img = image_factory_module(448, 448, 8)
     r = pipe(("what is it?", img), GenerationConfig(max_new_tokens=4, ignore_eos=True))
-    ids, _ = pipe.prepare(pipe.template.render([{"role": "user", "content": "<image>\nwhat is it?"}]), [img])
+    ids, _ = pipe.prepare(pipe.family.render_chat([{"role": "user", "content": "<image>\nwhat is it?"}]), [img])
     assert r.prompt_tokens == len(ids)
-    raw = pipe.generate(pipe.template.render([{"role": "user", "content": "<image>\nwhat is it?"}]), images=[img],
+    raw = pipe.generate(pipe.family.render_chat([{"role": "user", "content": "<image>\nwhat is it?"}]), images=[img],
                         gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True))
     assert r.token_ids == raw.token_ids
     batch = pipe([("what is it?", img), "and a text question"], GenerationConfig(max_new_tokens=4, ignore_eos=True))

@@ -7,7 +7,7 @@ import threading
 import time
 
 from mmserver.frontend.intake import Intake, IntakeLimits
-from mmserver.models.internvl.config import load_config
+from mmserver.models.registry import load_family
 
 
 class SlowCache:
@@ -28,8 +28,7 @@ class SlowCache:
 
 def test_cancelled_alloc_releases_its_references(ckpt):
     cache = SlowCache()
-    intake = Intake(load_config(ckpt), tokenizer=None, special=None, tokens_per_tile=256,
-                    limits=IntakeLimits(1 << 20, 1.0, None, 4096, 5.0), cache=cache, session=None)
+    intake = Intake(load_family(ckpt), limits=IntakeLimits(1 << 20, 1.0, None, 4096, 5.0), cache=cache, session=None)
 
     async def scenario():
         task = asyncio.create_task(intake._alloc([("a", 256, 10), ("b", 256, 10)]))
@@ -79,22 +78,28 @@ def test_image_encoded_meanwhile_needs_no_vit():
 
 
 def test_default_tile_cap_comes_from_max_patch_num(ckpt, monkeypatch):
-    """MAX_PATCH_NUM is parsed (and checked) once, into ServerArgs, and reaches the intake."""
-    from mmserver.args import parse_args
+    """MAX_PATCH_NUM is read (and checked) once, when the InternVL family is built, and sets the
+    option key of images whose request gives no cap."""
+    import pytest
 
+    from mmserver.models.errors import ConfigError
+
+    without = load_family(ckpt)
     monkeypatch.setenv("MAX_PATCH_NUM", "3")
-    args = parse_args(["--model_dir", str(ckpt)])
-    assert args.max_patch_num == 3
-    cfg = load_config(ckpt)
+    with_cap = load_family(ckpt)
+    assert with_cap.default_cap == 3
+    assert without.default_cap == without.config.max_dynamic_patch != 3
     limits = IntakeLimits(1 << 20, 1.0, None, 4096, 5.0)
-    with_cap = Intake(cfg, None, None, 256, limits, None, None, default_cap=args.max_patch_num)
-    without = Intake(cfg, None, None, 256, limits, None, None)
+    intake = Intake(with_cap, limits, None, None)
     try:
-        assert with_cap.default_cap == 3
-        assert without.default_cap == cfg.max_dynamic_patch != 3
+        assert intake.image_options([], {"image_max_patch_num": -1}) == []
+        assert with_cap.image_options({"image_max_patch_num": -1}, {}) == "max3"
+        assert with_cap.image_options({"image_max_patch_num": 5}, {}) == "max5"
     finally:
-        with_cap.close()
-        without.close()
+        intake.close()
+    monkeypatch.setenv("MAX_PATCH_NUM", "0")
+    with pytest.raises(ConfigError, match="MAX_PATCH_NUM=0 must be >= 1"):
+        load_family(ckpt)
 
 
 def _coalescer_scenario(call, n: int, on_orphan=None, cancel: int | None = None):

@@ -68,7 +68,7 @@ def generate(server, prompt: str, images=(), n: int = N) -> dict:
 
 
 def render(pipe, messages: list[dict]) -> str:
-    return pipe.template.render(messages, pipe.cfg.system_message)
+    return pipe.family.render_chat(messages)
 
 
 def embeds_b64(rows: torch.Tensor) -> str:

@@ -38,7 +38,7 @@ def data_url(image) -> str:
 
 def raw(pipe, content: str, images) -> list[int]:
     """Token ids of a raw prompt built from one user turn with the model's template."""
-    prompt = pipe.template.render([{"role": "user", "content": content}], pipe.cfg.system_message)
+    prompt = pipe.family.render_chat([{"role": "user", "content": content}])
     return pipe.generate(prompt, images=list(images), gen_config=CFG).token_ids
 
 

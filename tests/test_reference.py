@@ -57,7 +57,7 @@ def test_greedy_matches_transformers(case, pipe, qwen_dirs, image_factory):
 def test_thirteen_tiles_for_640x480(pipe, image_factory):
     ids, pixels = pipe.prepare("<image>\nhi", [image_factory(640, 480)])
     assert pixels[0].shape == (13, 3, 448, 448)
-    assert ids.count(pipe.special.img_context) == 13 * 256
+    assert ids.count(pipe.family.special.img_context) == 13 * 256
 
 
 def test_per_request_tile_cap(pipe, qwen_dirs, image_factory):

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from mmserver.models.internvl.tokenizer import load_tokenizer
+from mmserver.models.tokenizer import load_tokenizer
 from mmserver.structured import (GrammarSpec, StructuredCompiler, StructuredOutputError, TokenBitmask,
                                  build_grammar, parse_spec, tokenizer_info)
 

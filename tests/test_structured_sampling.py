@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmserver.engine.sampling import Sampler, SamplingParams, make_generator
-from mmserver.models.internvl.tokenizer import load_tokenizer
+from mmserver.models.tokenizer import load_tokenizer
 from mmserver.structured import StructuredCompiler, StructuredOutputError
 
 EOS_IDS = [151645, 151643]  # the tiny Qwen2 checkpoint's generation_config eos ids

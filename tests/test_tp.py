@@ -117,7 +117,7 @@ def _job(ckpt: Path, seed: int) -> tuple[dict, dict]:
                 pipe.prepare("<image>\nAnd this one?", [random_image(448, 448, seed + 1)], 1)]
     embeds = [pipe.model.vision.encode(torch.cat(px)).flatten(0, 1) if px else None for _, px in requests]
     job = {"ckpt": str(ckpt), "tiles": preprocess_image(image, max_num=2), "requests": requests,
-           "image_token_id": pipe.special.img_context, "embeds": embeds}
+           "image_token_id": pipe.family.special.img_context, "embeds": embeds}
     return job, _run_job(pipe.model, job)
 
 

@@ -1,10 +1,10 @@
 """Precomputed image embeddings as input, in place of an image.
 
 An embeddings input is one float tensor `[n_tokens, hidden]`: the rows that the model's
-own ViT + projector would produce for an image (`hidden` is the LLM's hidden size), with
-`n_tokens` a positive multiple of the image length (tokens per tile, 256 for real models),
-so it stands for `n_tokens / image_length` tiles. Any float dtype is accepted and cast to
-the model's dtype. Over HTTP it travels as the base64 of a safetensors file holding
+own vision encoder would produce for an image (`hidden` is the LLM's hidden size), with
+`n_tokens` a positive multiple of the family's `embeds_row_multiple` (the rows of the
+smallest unit its encoder emits); the image then fills `n_tokens` prompt positions. Any
+float dtype is accepted and cast to the model's dtype. Over HTTP it travels as the base64 of a safetensors file holding
 exactly that one tensor; in the pipeline it is a torch tensor or any DLPack tensor.
 
 The server and the pipeline validate with the same functions here.
@@ -38,20 +38,16 @@ def as_torch(obj: Any, index: int) -> torch.Tensor:
         raise EmbedsError(f"embeds {index}: cannot read as a tensor via DLPack ({type(e).__name__}: {e})") from None
 
 
-def check(t: torch.Tensor, index: int, tokens_per_tile: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    """Validate `[k·tokens_per_tile, hidden]`, float and finite; return it in `dtype`, contiguous."""
-    rows_ok = t.ndim == 2 and t.shape[0] > 0 and t.shape[0] % tokens_per_tile == 0
+def check(t: torch.Tensor, index: int, row_multiple: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Validate `[k·row_multiple, hidden]`, float and finite; return it in `dtype`, contiguous."""
+    rows_ok = t.ndim == 2 and t.shape[0] > 0 and t.shape[0] % row_multiple == 0
     if not rows_ok or t.shape[1] != hidden:
-        raise EmbedsError(f"embeds {index}: shape {tuple(t.shape)} is not [k·{tokens_per_tile}, {hidden}]")
+        raise EmbedsError(f"embeds {index}: shape {tuple(t.shape)} is not [k·{row_multiple}, {hidden}]")
     if not t.is_floating_point():
         raise EmbedsError(f"embeds {index}: dtype {t.dtype} is not a float type")
     if not bool(torch.isfinite(t).all()):
         raise EmbedsError(f"embeds {index}: contains NaN or infinity")
     return t.to(dtype).contiguous()
-
-
-def num_tiles(t: torch.Tensor, tokens_per_tile: int) -> int:
-    return t.shape[0] // tokens_per_tile
 
 
 def b64decode(data: str, index: int) -> bytes:

@@ -17,6 +17,14 @@ class BadRequest(HTTPError):
     status = 400
 
 
+class BadParam(BadRequest):
+    """A bad request field; `param` names it (OpenAI errors report it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class TooLarge(HTTPError):
     status = 413
 

@@ -140,7 +140,7 @@ def read_local(path: str, index: int, allowed_dir: str | None, max_bytes: int) -
 
 
 def inspect(data: bytes, index: int) -> LoadedImage:
-    """Read the header (format and size, which fix the tile count) and hash. Runs in a thread."""
+    """Read the header (format and size, which fix what the image becomes) and hash. Runs in a thread."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size

@@ -1,5 +1,6 @@
-"""Request intake: images → bytes, md5 and tile counts; prompt → token ids with the image
-placeholders expanded; then cache references and shared-memory image bytes.
+"""Request intake: images → bytes, md5 and token counts; prompt → token ids with the image
+placeholders expanded; then cache references and shared-memory image bytes. What an image
+becomes, and how a prompt is expanded, is the model family's (`models/family.py`).
 
 Precomputed embeddings (`{"type": "embeds"}`, see `embeds.py`) skip the cache and the ViT:
 each goes into a fresh segment that this process owns and unlinks when the request ends."""
@@ -10,21 +11,20 @@ import asyncio
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import aiohttp
 import torch
 
 from ..embed_cache import shm
 from ..embed_cache.service import CacheClient
-from ..models.internvl.config import InternVLConfig
-from ..models.internvl.preprocess import num_tiles
-from ..models.internvl.prompt import PromptError, SpecialIds, build_input_ids, context_spans
 from ..ipc import ImageRef
+from ..models.errors import OptionError, PromptError
+from ..models.family import ImagePlan, ModelFamily, Span
 from . import embeds as embeds_io
 from . import images as image_io
 from .coalesce import Coalescer
-from .errors import BadRequest, Overloaded, TooLarge
+from .errors import BadParam, BadRequest, Overloaded, TooLarge
 
 
 @dataclass
@@ -39,19 +39,26 @@ class IntakeLimits:
 @dataclass
 class PreparedImage:
     loaded: image_io.LoadedImage
-    tiles: int
-    max_patch: int
+    plan: ImagePlan
+    options: str  # the family's option key
+
+    @property
+    def n_tokens(self) -> int:
+        return self.plan.n_tokens
 
     @property
     def cache_key(self) -> str:
-        # Everything that changes the embedding: the bytes and the tiling parameters.
-        return f"{self.loaded.md5}:max{self.max_patch}"
+        # Everything that changes the embedding: the bytes and the family's options.
+        return f"{self.loaded.md5}:{self.options}"
 
 
 @dataclass
 class PreparedEmbeds:
     tensor: torch.Tensor  # [n_tokens, hidden], validated, in the model's dtype
-    tiles: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tensor.shape[0]
 
 
 Prepared = Union[PreparedImage, PreparedEmbeds]
@@ -66,20 +73,14 @@ class EmbedsInput:
 
 
 class Intake:
-    def __init__(self, cfg: InternVLConfig, tokenizer, special: SpecialIds, tokens_per_tile: int,
-                 limits: IntakeLimits, cache: CacheClient | None, session: aiohttp.ClientSession,
-                 embeds: EmbedsInput | None = None, default_cap: int | None = None):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.special = special
-        self.tokens_per_tile = tokens_per_tile
+    def __init__(self, family: ModelFamily, limits: IntakeLimits, cache: CacheClient | None,
+                 session: aiohttp.ClientSession, embeds: EmbedsInput | None = None):
+        self.family = family
         self.limits = limits
         self.cache = cache
         self.session = session
         self.embeds = embeds
         self._embeds_ids = itertools.count(1)
-        # tile cap of requests that set none: MAX_PATCH_NUM (ServerArgs.max_patch_num), else the checkpoint's
-        self.default_cap = default_cap or cfg.max_dynamic_patch
         self._decode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-decode")
         self._cache_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-client")
         # Concurrent requests' allocs (and releases) share one cache round trip.
@@ -88,8 +89,26 @@ class Intake:
         self._releases: Coalescer[list, None] = Coalescer(self._cache_pool, self._release_many)
         self._orphan_releases: set[asyncio.Future] = set()
 
-    async def load_images(self, specs: Sequence, request_cap: int) -> list[Prepared]:
+    def image_options(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[str]:
+        """Each image's option key (the family validates; the request's options are checked
+        even without images). Errors name the option as the client wrote it."""
+        keys = []
+        for spec in [None, *specs]:
+            given = spec.options if spec is not None else {}
+            try:
+                keys.append(self.family.image_options(request_options, given))
+            except OptionError as e:
+                if e.name in given:
+                    where = f"{spec.where}.{e.name}"
+                    raise BadParam(f"{where} {e.detail}", where) from None
+                raise BadParam(f"parameter '{e.name}' {e.detail}", e.name) from None
+        return keys[1:]
+
+    async def load_images(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[Prepared]:
+        """Each image's bytes and header, and what it becomes (`specs`: the HTTP layer's
+        ImageSpecs; `request_options`: the request's image parameters, for the family)."""
         l = self.limits
+        option_keys = self.image_options(specs, request_options)
 
         async def one(i: int, spec) -> Prepared:
             loop = asyncio.get_running_loop()
@@ -102,10 +121,8 @@ class Intake:
                 raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
                                           max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
                 loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
-            cap = spec.max_patch or (request_cap if request_cap > 0 else self.default_cap)
-            tiles = num_tiles(loaded.width, loaded.height, max_num=cap, min_num=self.cfg.min_dynamic_patch,
-                              use_thumbnail=self.cfg.use_thumbnail)
-            return PreparedImage(loaded, tiles, cap)
+            options = option_keys[i]
+            return PreparedImage(loaded, self.family.plan_image(loaded.width, loaded.height, options), options)
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
 
@@ -117,22 +134,18 @@ class Intake:
             raw = embeds_io.b64decode(data, index)
             if len(raw) > self.limits.max_image_bytes:
                 raise TooLarge(f"embeds {index}: {len(raw)} bytes exceeds the {self.limits.max_image_bytes}-byte limit")
-            t = embeds_io.check(embeds_io.from_safetensors(raw, index), index, self.tokens_per_tile,
-                                self.cfg.llm.hidden_size, self.embeds.dtype)
+            t = embeds_io.check(embeds_io.from_safetensors(raw, index), index, self.family.embeds_row_multiple,
+                                self.family.config.llm.hidden_size, self.embeds.dtype)
         except embeds_io.EmbedsError as e:
             raise BadRequest(str(e)) from None
-        return PreparedEmbeds(t, embeds_io.num_tiles(t, self.tokens_per_tile))
+        return PreparedEmbeds(t)
 
-    def tokenize(self, prompt: str, images: list[Prepared]) -> list[int]:
+    def tokenize(self, prompt: str, images: list[Prepared]) -> tuple[list[int], list[Span]]:
+        """The prompt's ids with each image's positions, and where each image's rows go."""
         try:
-            return build_input_ids(self.tokenizer, prompt, [im.tiles for im in images], self.tokens_per_tile,
-                                   self.special)
+            return self.family.expand_prompt(prompt, [im.n_tokens for im in images])
         except PromptError as e:
             raise BadRequest(str(e)) from None
-
-    def image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
-        """Where each image's embedding rows go in the prompt."""
-        return context_spans(ids, self.special.img_context)
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         total = n_prompt + max_new_tokens
@@ -160,7 +173,7 @@ class Intake:
         if not images:
             return []
         loop = asyncio.get_running_loop()
-        items = [(im.cache_key, im.tiles * self.tokens_per_tile, len(im.loaded.data)) for im in images]
+        items = [(im.cache_key, im.n_tokens, len(im.loaded.data)) for im in images]
         deadline = loop.time() + self.limits.cache_wait_s
         while True:
             got = await self._alloc(items)
@@ -170,7 +183,7 @@ class Intake:
                 raise Overloaded(f"image-embedding cache is full of images in use; retried for "
                                  f"{self.limits.cache_wait_s:g}s")
             await asyncio.sleep(0.05)
-        refs = [ImageRef(rid, emb, img, n_tok, len(im.loaded.data), not has_emb, im.max_patch)
+        refs = [ImageRef(rid, emb, img, n_tok, len(im.loaded.data), not has_emb, im.options, im.plan.grid)
                 for (rid, emb, img, has_emb), im, (_, n_tok, _) in zip(got, images, items)]
         try:
             await loop.run_in_executor(self._decode_pool, _write_image_bytes, refs, images)
@@ -206,7 +219,7 @@ class Intake:
                 t = item.tensor
                 seg = shm.create(name, t.numel() * t.element_size())
                 refs.append(ImageRef(record_id=0, emb_name=name, img_name="", n_tokens=t.shape[0], img_bytes=0,
-                                     needs_vit=False, max_patch=0, precomputed=True))
+                                     needs_vit=False, options="", precomputed=True))
                 try:
                     shm.tensor_view(seg, tuple(t.shape), t.dtype).copy_(t)
                 finally:

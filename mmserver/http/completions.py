@@ -102,24 +102,25 @@ def _prompt_list(raw: Any) -> list[str | list[int]]:
 
 
 def _prompt(raw: str | list[int], index: int, state: AppState, skip_special: bool) -> Prompt:
-    """Token ids checked against the vocabulary; the image-context token is refused (it would
-    stand for image rows this route never takes)."""
+    """Token ids checked against the vocabulary; image tokens are refused (they would stand
+    for image rows this route never takes)."""
     where = f"prompt[{index}]"
-    tokenizer, image_token = state.intake.tokenizer, state.intake.special.img_context
+    family = state.intake.family
+    tokenizer = family.tokenizer
     if isinstance(raw, str):
         ids = tokenizer(raw, add_special_tokens=True)["input_ids"]
-        if image_token in ids:
-            raise InvalidRequest(f"{where} contains the reserved token <IMG_CONTEXT>; /v1/completions takes text "
+        if family.find_spans(ids):
+            raise InvalidRequest(f"{where} contains the model's reserved image token; /v1/completions takes text "
                                  f"only (send images to /v1/chat/completions)", "prompt")
         text = raw
     else:
-        vocab = state.intake.cfg.llm.vocab_size
+        vocab = family.config.llm.vocab_size
         for j, t in enumerate(raw):
             if not 0 <= t < vocab:
                 raise InvalidRequest(f"{where}[{j}]: token id {t} is outside the vocabulary [0, {vocab})", "prompt")
-            if t == image_token:
-                raise InvalidRequest(f"{where}[{j}]: token id {t} is the image-context token; /v1/completions "
-                                     f"takes text only", "prompt")
+        if spans := family.find_spans(raw):
+            raise InvalidRequest(f"{where}[{spans[0][0]}]: token id {raw[spans[0][0]]} is the model's image token; "
+                                 f"/v1/completions takes text only", "prompt")
         ids = list(raw)
         text = tokenizer.decode(ids, skip_special_tokens=skip_special)
     if not ids:

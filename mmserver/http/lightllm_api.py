@@ -67,8 +67,8 @@ async def tokens(request: web.Request) -> web.Response:
     body = await json_body(request)
     req = parse_generate({**body, "parameters": body.get("parameters") or {}} if isinstance(body, dict) else body,
                          state.stop_token_ids, state.max_images)
-    images = await state.intake.load_images(req.images, req.image_max_patch_num)
-    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images))})
+    images = await state.intake.load_images(req.images, req.image_options)
+    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images)[0])})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -11,7 +11,8 @@ Where OpenAI's API leaves room (documented in the README):
   answers by default; `top_p` applies only when sampling;
 - no `max_tokens`: generate until a stop token or until max_req_total_len is full;
 - `n` > 1: n engine requests; with a `seed` s, choice i uses seed s + i;
-- `image_url.max_dynamic_patch`: a per-image tile cap (LMDeploy's extension);
+- other `image_url` keys are the image's options for the model family (InternVL reads
+  LMDeploy's `max_dynamic_patch`, a per-image tile cap; unknown ones are ignored);
 - `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings;
 - vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from ..frontend.streams import TokenEvent
-from ..models.internvl.prompt import PromptError, get_template
+from ..models.errors import PromptError
 from .common import AppState, json_body
 from .openai_common import (PARAM_NAMES, InvalidRequest, check_fields, check_model, finish_reason, parse_n,
                             sampling, stream_options, stream_sse, usage)
@@ -68,7 +69,7 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     messages, images = parse_messages(body.get("messages"))
     check_image_count(len(images), state.max_images)
     try:
-        prompt = get_template(state.intake.cfg.template).render(messages, state.intake.cfg.system_message)
+        prompt = state.intake.family.render_chat(messages)
     except PromptError as e:
         raise InvalidRequest(str(e), "messages") from None
     fit = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
@@ -136,11 +137,8 @@ def _image_url_spec(value: Any, at: str) -> ImageSpec:
     if not (is_data or url.startswith(("http://", "https://"))):
         raise InvalidRequest(f"{at}.image_url.url must be an http(s) URL or a data:image/...;base64, URL, "
                              f"got {url[:64]!r}", f"{at}.image_url.url")
-    cap = obj.get("max_dynamic_patch")
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-        raise InvalidRequest(f"{at}.image_url.max_dynamic_patch must be an integer >= 1, got {cap!r}",
-                             f"{at}.image_url.max_dynamic_patch")
-    return ImageSpec("url", url, cap)
+    # Other keys (e.g. max_dynamic_patch) are the image's options: the model family checks them.
+    return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.image_url")
 
 
 def _embeds_spec(value: Any, at: str) -> ImageSpec:

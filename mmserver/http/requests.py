@@ -55,15 +55,17 @@ async def prepare(state: AppState, req: GenerateRequest, *, n: int = 1, fit_to_c
         admit(state, n)
     if req.images and not state.multimodal:
         raise BadRequest("images were sent but the server was started without --enable_multimodal")
-    images = await state.intake.load_images(req.images, req.image_max_patch_num)
-    ids = req.input_ids if req.input_ids is not None else state.intake.tokenize(req.inputs, images)
+    images = await state.intake.load_images(req.images, req.image_options)
+    if req.input_ids is not None:  # token ids (completions): text only, nothing to expand
+        ids, spans = req.input_ids, []
+    else:
+        ids, spans = state.intake.tokenize(req.inputs, images)
     if not ids:
         raise BadRequest("the prompt is empty (0 tokens)")
     if fit_to_context:
         _fit_max_new_tokens(req.params, len(ids), state.intake.limits.max_req_len)
     state.intake.check_length(len(ids), req.params.max_new_tokens)
     subs: list[Submission] = []
-    spans = state.intake.image_spans(ids)
     t_arrival = arrival if arrival is not None else time.monotonic()
     try:
         for params in sample_params(req.params, n):

@@ -32,6 +32,8 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
 }
 
 IMAGE_TYPES = ("base64", "url", "file", "embeds")
+# Parameters handed to the model family as the request's image options (it validates them).
+IMAGE_OPTIONS = ("image_max_patch_num",)
 
 
 class ParamError(BadRequest):
@@ -47,7 +49,8 @@ class ParamError(BadRequest):
 class ImageSpec:
     type: str
     data: str
-    max_patch: int | None = None  # per-image tile cap (OpenAI `max_dynamic_patch`)
+    options: dict[str, Any] = field(default_factory=dict)  # given with the image, for the model family
+    where: str = ""  # the image's place in the request, to name a bad option
 
 
 @dataclass
@@ -55,7 +58,7 @@ class GenerateRequest:
     inputs: str
     params: SamplingParams
     images: list[ImageSpec] = field(default_factory=list)
-    image_max_patch_num: int = -1
+    image_options: dict[str, Any] = field(default_factory=dict)  # the request's, for the model family
     return_details: bool = False
     skip_special_tokens: bool = True
     input_ids: list[int] | None = None  # a prompt given as token ids (OpenAI completions): not tokenized again
@@ -92,9 +95,6 @@ def parse_parameters(raw: Any) -> dict[str, Any]:
     out["stop_sequences"] = [stops] if isinstance(stops, str) else list(stops or [])
     if not all(isinstance(s, str) for s in out["stop_sequences"]):
         raise ParamError("stop_sequences", "must be a list of strings")
-    if out["image_max_patch_num"] == 0 or out["image_max_patch_num"] < -1:
-        raise ParamError("image_max_patch_num", f"must be -1 (model default) or >= 1, "
-                                                f"got {out['image_max_patch_num']}")
     return out
 
 
@@ -134,7 +134,7 @@ def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
         kind = item.get("type", "base64")
         if kind not in IMAGE_TYPES:
             raise BadRequest(f"multimodal_params.images[{i}].type {kind!r} is not one of {', '.join(IMAGE_TYPES)}")
-        out.append(ImageSpec(kind, item["data"]))
+        out.append(ImageSpec(kind, item["data"], where=f"multimodal_params.images[{i}]"))
     return out
 
 
@@ -149,5 +149,5 @@ def parse_generate(body: Any, stop_token_ids: list[int], max_images: int) -> Gen
     p = parse_parameters(body.get("parameters"))
     return GenerateRequest(inputs=inputs, params=sampling_params(p, stop_token_ids),
                            images=parse_images(body.get("multimodal_params"), max_images),
-                           image_max_patch_num=p["image_max_patch_num"], return_details=p["return_details"],
+                           image_options={k: p[k] for k in IMAGE_OPTIONS}, return_details=p["return_details"],
                            skip_special_tokens=p["skip_special_tokens"])

@@ -1,11 +1,12 @@
 """Tensor parallelism for the model code (Megatron style): the process group and weight sharding.
 
 Each rank holds a slice of every large matmul and the activations between layers stay
-replicated: column-parallel layers (LLM qkv, gate_up; ViT qkv, fc1) split output rows,
-row-parallel layers (LLM o, down; ViT proj, fc2) split input columns and are followed by
-one all_reduce. Embedding, norms, lm_head and mlp1 are replicated: they are small next to
-the layers, and replicating them keeps every rank's logits identical with no extra
-collective (at the cost of vocab×hidden memory on every rank).
+replicated: column-parallel layers (LLM qkv, gate_up) split output rows, row-parallel
+layers (LLM o, down) split input columns and are followed by one all_reduce. Embedding,
+norms and lm_head are replicated: they are small next to the layers, and replicating them
+keeps every rank's logits identical with no extra collective (at the cost of vocab×hidden
+memory on every rank). The LLM rules are shared; a vision encoder's rules belong to its
+family (e.g. `models/internvl/sharding.py`), built from the slicing helpers here.
 
 Only all_reduce and broadcast are used, so gloo (CPU) and NCCL (GPU) both work.
 How rank 0's engine drives the other ranks lives in `mmserver.engine.tp`.
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from .internvl.config import InternVLConfig, LLMConfig
+from .llm.config import LLMConfig
 
 
 @dataclass
@@ -87,16 +89,16 @@ def local_kv_heads(num_heads: int, num_kv_heads: int, size: int) -> int:
                      f"got num_kv_heads={num_kv_heads}")
 
 
-def _rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+def take_rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
     # clone: a view would keep the whole unsharded tensor alive
     return t[start:start + n].clone()
 
 
-def _cols(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+def take_cols(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
     return t[:, start:start + n].contiguous()
 
 
-def _split_heads(t: torch.Tensor, offsets: tuple[int, ...], picks: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def split_heads(t: torch.Tensor, offsets: tuple[int, ...], picks: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Concatenate rows t[offsets[i] + a : offsets[i] + a + n] for each (a, n) in picks (dim 0)."""
     return torch.cat([t[o + a:o + a + n] for o, (a, n) in zip(offsets, picks)], dim=0).clone()
 
@@ -126,56 +128,35 @@ def shard_llm_weights(weights: dict[str, torch.Tensor], cfg: LLMConfig, rank: in
             continue
         kind = name.split(".", 3)[3]
         if kind in ("qkv.weight", "qkv.bias"):
-            out[name] = _split_heads(t, qkv_offsets, qkv_picks)
+            out[name] = split_heads(t, qkv_offsets, qkv_picks)
         elif kind == "o.weight":
-            out[name] = _cols(t, q0 * d, hl * d)
+            out[name] = take_cols(t, q0 * d, hl * d)
         elif kind == "gate_up.weight":  # keep [gate_r; up_r] so silu_and_mul still splits in half
-            out[name] = _split_heads(t, (0, cfg.intermediate_size), ((rank * il, il), (rank * il, il)))
+            out[name] = split_heads(t, (0, cfg.intermediate_size), ((rank * il, il), (rank * il, il)))
         elif kind == "down.weight":
-            out[name] = _cols(t, rank * il, il)
+            out[name] = take_cols(t, rank * il, il)
         else:
             out[name] = t  # norm1 / norm2: replicated
     return out
 
 
-def shard_vision_weights(weights: dict[str, torch.Tensor], cfg: InternVLConfig, rank: int,
+def shard_vision_weights(weights: dict[str, torch.Tensor], cfg: "FamilyShardRules", rank: int,
                          size: int) -> dict[str, torch.Tensor]:
-    """This rank's slice of every `vit.layers.*` matmul (and q/k norm); all other tensors pass through."""
-    if size == 1:
-        return dict(weights)
-    v = cfg.vision
-    if v.num_heads % size:
-        raise ValueError(f"tensor parallelism {size} needs the ViT's num_heads % tp == 0, "
-                         f"got num_heads={v.num_heads}")
-    if v.intermediate_size % size:
-        raise ValueError(f"tensor parallelism {size} needs the ViT's intermediate_size % tp == 0, "
-                         f"got intermediate_size={v.intermediate_size}")
-    c = v.hidden_size
-    cl = c // size  # local attention width: num_heads / tp heads of head_dim
-    c0 = rank * cl
-    il = v.intermediate_size // size
-    out: dict[str, torch.Tensor] = {}
-    for name, t in weights.items():
-        if not name.startswith("vit.layers."):
-            out[name] = t  # patch embed, cls, pos; mlp1 (and the LLM): passed through
-            continue
-        kind = name.split(".", 3)[3]
-        if kind in ("qkv.weight", "qkv.bias"):
-            out[name] = _split_heads(t, (0, c, 2 * c), ((c0, cl),) * 3)
-        elif kind in ("q_norm.weight", "k_norm.weight"):
-            out[name] = _rows(t, c0, cl)
-        elif kind == "proj.weight":
-            out[name] = _cols(t, c0, cl)
-        elif kind in ("fc1.weight", "fc1.bias"):
-            out[name] = _rows(t, rank * il, il)
-        elif kind == "fc2.weight":
-            out[name] = _cols(t, rank * il, il)
-        else:
-            out[name] = t  # proj.bias / fc2.bias (added once after the all_reduce), norms, ls1, ls2
-    return out
+    """This rank's slice of the vision encoder: the family's own rules (its config's
+    `shard_vision_weights`), since every encoder names and splits its tensors differently."""
+    return cfg.shard_vision_weights(weights, rank, size)
 
 
-def shard_weights(weights: dict[str, torch.Tensor], cfg: InternVLConfig, rank: int,
+def shard_weights(weights: dict[str, torch.Tensor], cfg: "FamilyShardRules", rank: int,
                   size: int) -> dict[str, torch.Tensor]:
-    """Both halves of the model: the one sharding entry point the loader uses."""
+    """Both halves of the model: the shared LLM rules, then the family's vision rules."""
     return shard_vision_weights(shard_llm_weights(weights, cfg.llm, rank, size), cfg, rank, size)
+
+
+class FamilyShardRules(Protocol):
+    """What `shard_weights` needs from a family's config."""
+
+    llm: LLMConfig
+
+    def shard_vision_weights(self, weights: dict[str, torch.Tensor], rank: int,
+                             size: int) -> dict[str, torch.Tensor]: ...

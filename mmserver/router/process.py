@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from multiprocessing.connection import Connection, wait
+from typing import Callable
 
 import torch
 
@@ -32,9 +33,12 @@ class Router:
     An abort always arrives after its request (ipc.py), so an abort for an id the engine
     does not hold means the request already finished: it is ignored and nothing is kept."""
 
-    def __init__(self, engine: Engine, out: Sender[FromRouter], hidden: int, dtype: torch.dtype):
+    def __init__(self, engine: Engine, out: Sender[FromRouter], hidden: int, dtype: torch.dtype,
+                 rope_inputs: Callable[..., dict] | None = None):
         self.engine = engine
         self.out = out
+        # the model family's RoPE keywords of a prompt ({} for plain 0..L-1 positions)
+        self.rope_inputs = rope_inputs or (lambda ids, spans, grids: {})
         self.hidden = hidden
         self.dtype = dtype
         self.awaiting_first: dict[int, float] = {}  # req id → when it was sent here (TTFT breakdown)
@@ -54,8 +58,9 @@ class Router:
     def _add(self, req: ServeRequest) -> None:
         try:
             embeds = self._read_embeddings(req)
+            rope = self.rope_inputs(req.input_ids, req.image_spans, [r.grid for r in req.images])
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, image_spans=req.image_spans,
-                                    req_id=req.req_id)
+                                    req_id=req.req_id, **rope)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
             self.out.send(Failure(req.req_id, "error", str(e)))
@@ -92,19 +97,17 @@ class Router:
 
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     """Join the tensor-parallel group (if any) and load this rank's shard of the LLM."""
-    from ..models.internvl.config import load_config
-    from ..models.internvl.model import load_sharded_weights
-    from ..models.llm.decoder import DecoderLM
     from ..models.parallel import init_tp
+    from ..models.registry import load_family
     device = args.resolved_device
     tp = init_tp(tp_rank, args.tp, init_method)
     if device == "cuda":
         torch.cuda.set_device(tp_rank % torch.cuda.device_count())
         device = f"cuda:{torch.cuda.current_device()}"
-    cfg = load_config(args.model_dir)
-    dtype = args.compute_dtype(cfg.torch_dtype)
-    weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("llm",), progress=False)
-    llm = DecoderLM(cfg.llm, weights, tp=tp if tp.size > 1 else None)
+    family = load_family(args.model_dir)
+    dtype = args.compute_dtype(family.config.torch_dtype)
+    weights = family.load_weights(device, dtype, tp, components=("llm",), progress=False, workers=args.load_workers)
+    llm = family.build_llm(weights, tp=tp if tp.size > 1 else None)
     engine_cfg = engine_config_for(args, llm)
     if tp.size > 1:  # every rank's pool must have the same slots: the smallest one's
         import torch.distributed as dist
@@ -113,7 +116,7 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
         dist.all_reduce(slots, op=dist.ReduceOp.MIN, group=tp.group)
         engine_cfg.max_total_tokens = int(slots.item())
         engine_cfg.max_req_len = min(engine_cfg.max_req_len, engine_cfg.max_total_tokens)
-    return cfg, llm, tp, engine_cfg, dtype
+    return family, llm, tp, engine_cfg, dtype
 
 
 def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Connection | None, to_http: Connection,
@@ -121,10 +124,10 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
     """Process entry (tp rank 0): load the LLM, size the KV pool, report ready, then loop forever."""
     from ..engine.tp import TPLeader
 
-    cfg, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
+    family, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
     model = TPLeader(llm, tp) if tp.size > 1 else llm
     engine = Engine(model, engine_cfg)
-    router = Router(engine, to_http, cfg.llm.hidden_size, dtype)
+    router = Router(engine, to_http, family.config.llm.hidden_size, dtype, family.rope_inputs)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
         # A text-only server has no visual process: its pipe would read as closed at once.

@@ -11,30 +11,30 @@ from .workers import LocalWorker, RemoteWorker, VitRunner, tp_encode, tp_follow
 
 
 def _load_encoder(args, tp=None):
-    from ..models.internvl.config import load_config
-    from ..models.internvl.model import load_sharded_weights
-    from ..models.internvl.vision import VisionEncoder
+    """The checkpoint's family and its vision encoder (this rank's shard), warmed up on CUDA."""
     import torch
+
+    from ..models.registry import load_family
 
     device = args.resolved_device
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    cfg = load_config(args.model_dir)
-    dtype = args.compute_dtype(cfg.torch_dtype)
-    weights = load_sharded_weights(args.model_dir, cfg, device, dtype, tp, components=("vision",), progress=False)
-    encoder = VisionEncoder(cfg, weights, tp=tp)
+    family = load_family(args.model_dir)
+    dtype = args.compute_dtype(family.config.torch_dtype)
+    weights = family.load_weights(device, dtype, tp, components=("vision",), progress=False,
+                                  workers=args.load_workers)
+    encoder = family.build_encoder(weights, tp)
     if encoder.device.type == "cuda":
         # Compile the triton kernels and set up cuBLAS now (every tp rank alike), not in the
         # first requests' batches: two batches in flight must not race through a first compile.
-        size = cfg.vision.image_size
-        encoder.encode(torch.zeros((1, size, size, 3), dtype=torch.uint8))
+        encoder.encode_images([family.warmup_input()])
         torch.cuda.synchronize(encoder.device)
-    return cfg, encoder
+    return family, encoder
 
 
-def _runner(cfg, encoder, tp=None) -> VitRunner:
-    encode = tp_encode(encoder, tp) if tp is not None and tp.size > 1 else encoder.encode
-    return VitRunner(encode, cfg.image_tokens_per_tile, cfg.min_dynamic_patch, cfg.use_thumbnail)
+def _runner(family, encoder, tp=None) -> VitRunner:
+    encode = tp_encode(encoder, tp) if tp is not None and tp.size > 1 else encoder.encode_images
+    return VitRunner(encode, family)
 
 
 def _join_group(args, dp_rank: int, tp_rank: int, init_method: str):
@@ -54,8 +54,8 @@ def _join_group(args, dp_rank: int, tp_rank: int, init_method: str):
 def run_vit_leader(ready, args, dp_rank: int, init_method: str, jobs: Connection, results: Connection) -> None:
     """A worker group's rank 0 in its own process: batches in, BatchResults out."""
     tp = _join_group(args, dp_rank, 0, init_method)
-    cfg, encoder = _load_encoder(args, tp)
-    runner = _runner(cfg, encoder, tp)
+    family, encoder = _load_encoder(args, tp)
+    runner = _runner(family, encoder, tp)
     ready()
     try:
         while True:
@@ -73,9 +73,9 @@ def run_vit_leader(ready, args, dp_rank: int, init_method: str, jobs: Connection
 
 def run_vit_follower(ready, args, dp_rank: int, tp_rank: int, init_method: str) -> None:
     tp = _join_group(args, dp_rank, tp_rank, init_method)
-    cfg, encoder = _load_encoder(args, tp)
+    _, encoder = _load_encoder(args, tp)
     ready()
-    tp_follow(encoder, tp, cfg.vision.image_size)
+    tp_follow(encoder, tp)
 
 
 def run_visual(ready, args, from_http: Connection, to_router: Connection, to_http: Connection, cache_socket: str,
@@ -84,8 +84,8 @@ def run_visual(ready, args, from_http: Connection, to_router: Connection, to_htt
     if remote:
         workers = [RemoteWorker(to_w, from_w) for to_w, from_w in remote]
     else:
-        cfg, encoder = _load_encoder(args)
-        workers = [LocalWorker(_runner(cfg, encoder))]
+        family, encoder = _load_encoder(args)
+        workers = [LocalWorker(_runner(family, encoder))]
     server = VisualServer(workers, CacheClient(cache_socket), to_router, to_http, args.visual_infer_batch_size)
     ready()
     serve_forever(server, from_http)

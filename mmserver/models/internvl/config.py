@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..llm.config import LLMConfig, parse_llm_config
 
-class ConfigError(ValueError):
-    """A checkpoint whose config we cannot (or must not) serve."""
+# An id this high exists only in a Qwen2 vocabulary (151674 tokens; InternLM2's has 92553),
+# and <IMG_CONTEXT>'s id in it (DESIGN §4): see `_parse_hf`.
+QWEN2_VOCAB_MIN_ID = 151_000
+QWEN2_IMAGE_CONTEXT_ID = 151_667
 
-
-SUPPORTED_LLMS = ("qwen2", "internlm2", "llama")
-
-# Special-token ids by tokenizer family (DESIGN §4); used when the config does not say.
-IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-IMAGE_START_TOKEN = "<img>"
-IMAGE_END_TOKEN = "</img>"
+__all__ = ["ConfigError", "InternVLConfig", "LLMConfig", "VisionConfig", "check_image_length", "load_config",
+           "stop_token_ids"]
 
 
 @dataclass
@@ -51,29 +50,6 @@ class VisionConfig:
 
 
 @dataclass
-class LLMConfig:
-    model_type: str  # qwen2 | internlm2 | llama
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 32768
-    qkv_bias: bool = False
-    head_dim: int = 0
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_heads
-
-
-@dataclass
 class InternVLConfig:
     layout: str  # "original" | "hf"
     vision: VisionConfig
@@ -83,7 +59,6 @@ class InternVLConfig:
     max_dynamic_patch: int = 12
     min_dynamic_patch: int = 1
     use_thumbnail: bool = True
-    image_token_id: int | None = None
     torch_dtype: str = "bfloat16"
     system_message: str | None = None
 
@@ -93,6 +68,12 @@ class InternVLConfig:
         `load_config` refuses a value that disagrees (`check_image_length`)."""
         side = self.vision.image_size // self.vision.patch_size
         return int(side * side * self.downsample_ratio**2)
+
+    def shard_vision_weights(self, weights: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
+        """This rank's slice of the ViT (see `sharding.py`); `models.parallel.shard_weights` calls it."""
+        from .sharding import shard_vision_weights
+
+        return shard_vision_weights(weights, self, rank, size)
 
 
 def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -104,12 +85,6 @@ def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 def _as_int(v: Any) -> int:
     return int(v[0] if isinstance(v, (list, tuple)) else v)
-
-
-def _eos_list(v: Any) -> list[int]:
-    if v is None:
-        return []
-    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
 
 
 def _parse_vision(vc: dict[str, Any], layout: str, force_image_size: Any) -> VisionConfig:
@@ -130,38 +105,6 @@ def _parse_vision(vc: dict[str, Any], layout: str, force_image_size: Any) -> Vis
         )
     except KeyError as e:
         raise ConfigError(f"vision_config is missing {e.args[0]!r}") from None
-
-
-def _parse_llm(lc: dict[str, Any], section: str) -> LLMConfig:
-    model_type = lc.get("model_type")
-    if model_type not in SUPPORTED_LLMS:
-        raise ConfigError(
-            f"{section}.model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_LLMS)}"
-        )
-    try:
-        heads = int(lc["num_attention_heads"])
-        qkv_bias = model_type == "qwen2" or bool(lc.get("attention_bias", False))
-        if model_type == "internlm2":
-            qkv_bias = bool(lc.get("bias", False))
-        return LLMConfig(
-            model_type=model_type,
-            hidden_size=int(lc["hidden_size"]),
-            num_layers=int(lc["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(lc.get("num_key_value_heads") or heads),
-            intermediate_size=int(lc["intermediate_size"]),
-            vocab_size=int(lc["vocab_size"]),
-            rms_norm_eps=float(lc.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(_get(lc, "rope_theta", default=None) or _get(lc.get("rope_parameters") or {}, "rope_theta", default=10000.0)),
-            max_position_embeddings=int(lc.get("max_position_embeddings", 32768)),
-            qkv_bias=qkv_bias,
-            head_dim=int(lc.get("head_dim") or 0),
-            tie_word_embeddings=bool(lc.get("tie_word_embeddings", False)),
-            bos_token_id=lc.get("bos_token_id"),
-            eos_token_ids=_eos_list(lc.get("eos_token_id")),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{section} is missing {e.args[0]!r}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -200,7 +143,7 @@ def _parse_original(raw: dict[str, Any]) -> InternVLConfig:
     select_layer = raw.get("select_layer", -1)
     if select_layer != -1:
         raise ConfigError(f"select_layer {select_layer} is not supported; only -1 (last ViT layer)")
-    llm = _parse_llm(raw["llm_config"], "llm_config")
+    llm = parse_llm_config(raw["llm_config"], "llm_config")
     default_template = "internvl2_5" if llm.model_type == "qwen2" else "internlm2-chat"
     system_message = raw.get("system_message")
     return InternVLConfig(
@@ -212,7 +155,6 @@ def _parse_original(raw: dict[str, Any]) -> InternVLConfig:
         max_dynamic_patch=int(raw.get("max_dynamic_patch", 12)) if raw.get("dynamic_image_size", True) else 1,
         min_dynamic_patch=int(raw.get("min_dynamic_patch", 1)),
         use_thumbnail=bool(raw.get("use_thumbnail", True)),
-        image_token_id=None,
         torch_dtype=str(raw.get("torch_dtype") or raw["llm_config"].get("torch_dtype") or "bfloat16"),
         system_message=system_message if isinstance(system_message, str) else None,
     )
@@ -223,7 +165,7 @@ def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
         raise ConfigError("config.json (internvl) needs both 'vision_config' and 'text_config'")
     if raw.get("vision_feature_layer", -1) != -1:
         raise ConfigError("vision_feature_layer other than -1 is not supported")
-    llm = _parse_llm(raw["text_config"], "text_config")
+    llm = parse_llm_config(raw["text_config"], "text_config")
     # Tile cap and thumbnail live with the image processor in this layout.
     pp = {}
     if (model_dir / "preprocessor_config.json").is_file():
@@ -231,10 +173,11 @@ def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
     crop = bool(pp.get("crop_to_patches", True))
     size = pp.get("size") or {}
     image_size = size.get("height") if isinstance(size, dict) else None
-    # The -hf conversion rewrote InternLM2 as llama with the same tokenizer; the prompt
-    # format follows the tokenizer family, which the image token id reveals.
-    image_token_id = int(raw.get("image_token_id", 151667))
-    template = "internvl2_5" if image_token_id >= 151000 else "internlm2-chat"
+    # The -hf conversion rewrote InternLM2 as llama with the same tokenizer, so the LLM type no
+    # longer tells the chat template; the tokenizer family does, and the <IMG_CONTEXT> id the
+    # config records shows which vocabulary it is.
+    image_token_id = int(raw.get("image_token_id", QWEN2_IMAGE_CONTEXT_ID))
+    template = "internvl2_5" if image_token_id >= QWEN2_VOCAB_MIN_ID else "internlm2-chat"
     return InternVLConfig(
         layout="hf",
         vision=_parse_vision(raw["vision_config"], "hf", image_size),
@@ -244,7 +187,6 @@ def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
         max_dynamic_patch=int(pp.get("max_patches", 12)) if crop else 1,
         min_dynamic_patch=int(pp.get("min_patches", 1)),
         use_thumbnail=True,
-        image_token_id=image_token_id,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or raw["text_config"].get("torch_dtype") or "bfloat16"),
     )
 

@@ -44,16 +44,17 @@ class InternVLModel:
 def load_sharded_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str = "cpu",
                          dtype: torch.dtype = torch.float32, tp: TPGroup | None = None,
                          components: tuple[str, ...] = ("vision", "llm"),
-                         progress: bool = True) -> dict[str, torch.Tensor]:
+                         progress: bool = True, workers: int = 1) -> dict[str, torch.Tensor]:
     """`load_weights`, then (tp size > 1) this rank's shard: the one place weights get sharded.
 
     When sharding, the whole model is read to the host and sharded there, and only the shard
     moves to `device`: a rank's GPU never holds the full model.
     """
     if tp is None or tp.size == 1:
-        return load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress, components=components)
+        return load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress, components=components,
+                            workers=workers)
     full = load_weights(model_dir, cfg, device="cpu", dtype=dtype, progress=progress and tp.rank == 0,
-                        components=components)
+                        components=components, workers=workers)
     shard = shard_weights(full, cfg, tp.rank, tp.size)
     del full  # the shard's sliced tensors are copies, so this frees the unsharded ones
     moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device

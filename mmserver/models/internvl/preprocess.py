@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import ImageError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -43,23 +45,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 ImageSource = Union[Image.Image, str, "os.PathLike[str]", bytes, bytearray, memoryview]
-
-
-class ImageError(ValueError):
-    """An input image cannot be used (unreadable, truncated, empty, too large, wrong type).
-
-    A ValueError subclass so request handlers can map it to a client error
-    (HTTP 400) instead of a server crash. Reads "image {index}: {detail}"; `detail` alone is
-    for callers that name the image themselves (a ViT worker's image may sit at a different
-    index in each request waiting for it).
-    """
-
-    def __init__(self, index: int, detail: str):
-        super().__init__(index, detail)  # both in args: the exception pickles and unpickles
-        self.index, self.detail = index, detail
-
-    def __str__(self) -> str:
-        return f"image {self.index}: {self.detail}"
 
 
 # --------------------------------------------------------------------------- loading

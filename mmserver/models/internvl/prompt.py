@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..errors import PromptError
+
 IMAGE_PLACEHOLDER = "<image>"
 _PAIR = "<img></img>"
 
 SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-
-
-class PromptError(ValueError):
-    """A prompt that does not fit its images (or otherwise cannot be built)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,10 @@ def count_placeholders(prompt: str) -> int:
     return prompt.count(IMAGE_PLACEHOLDER) + prompt.count(_PAIR)
 
 
-def build_input_ids(tokenizer, prompt: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
-                    ids: SpecialIds) -> list[int]:
-    """Tokenize `prompt` and expand the i-th placeholder to `<img>` + context·256·tiles + `</img>`.
+def expand_prompt(tokenizer, prompt: str, token_counts: Sequence[int],
+                  ids: SpecialIds) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize `prompt` and expand the i-th placeholder to `<img>` + context·token_counts[i] +
+    `</img>` (256 per tile); returns the ids and each image's (start, length) context span.
 
     `<image>` becomes the pair `<img></img>` before tokenizing (both are single added tokens,
     so text on either side tokenizes as it would around the full expansion); the context
@@ -112,21 +111,24 @@ def build_input_ids(tokenizer, prompt: str, tiles_per_image: Sequence[int], toke
     if "<IMG_CONTEXT>" in prompt:
         raise PromptError("prompt contains the reserved token <IMG_CONTEXT>; mark images with <image>")
     n = count_placeholders(prompt)
-    if n != len(tiles_per_image):
+    if n != len(token_counts):
         raise PromptError(
-            f"prompt has {n} image placeholder(s) (<image>) but {len(tiles_per_image)} image(s) were given"
+            f"prompt has {n} image placeholder(s) (<image>) but {len(token_counts)} image(s) were given"
         )
     token_ids = tokenizer(prompt.replace(IMAGE_PLACEHOLDER, _PAIR), add_special_tokens=True)["input_ids"]
     out: list[int] = []
-    image = 0
+    spans: list[tuple[int, int]] = []
     for pos, tok in enumerate(token_ids):
         out.append(tok)
         if tok == ids.img_start and pos + 1 < len(token_ids) and token_ids[pos + 1] == ids.img_end:
-            out.extend([ids.img_context] * (tokens_per_tile * tiles_per_image[image]))
-            image += 1
-    if image != len(tiles_per_image):  # a placeholder glued to other text tokenized differently
-        raise PromptError(f"found {image} image placeholder(s) after tokenization, expected {len(tiles_per_image)}")
-    return out
+            if len(spans) == len(token_counts):
+                raise PromptError(f"found more image placeholders after tokenization than the {len(token_counts)} expected")
+            count = token_counts[len(spans)]
+            spans.append((len(out), count))
+            out.extend([ids.img_context] * count)
+    if len(spans) != len(token_counts):  # a placeholder glued to other text tokenized differently
+        raise PromptError(f"found {len(spans)} image placeholder(s) after tokenization, expected {len(token_counts)}")
+    return out, spans
 
 
 def context_spans(ids: Sequence[int], context_id: int) -> list[tuple[int, int]]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ... import kernels
+from ..family import VisionInput
 from ..parallel import TPGroup
 from .config import InternVLConfig
 from .preprocess import normalize_pixels
@@ -47,7 +50,7 @@ def pixel_shuffle_v2(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 class VisionEncoder:
     """Runs tiles [N, 3, 448, 448] through InternViT and mlp1; returns [N, tokens, H_llm].
 
-    With `tp`, `weights` are this rank's shard (see `engine.tp.shard_vision_weights`): each rank
+    With `tp`, `weights` are this rank's shard (see `sharding.py`): each rank
     runs num_heads / tp heads and 1 / tp of fc1; proj and fc2 outputs are summed over ranks.
     Every rank must call `encode` with the same tiles; all ranks get the full result.
     """
@@ -140,3 +143,13 @@ class VisionEncoder:
         outs = [self.project(self.vit(pixel_values[i:i + max_batch]))
                 for i in range(0, pixel_values.shape[0], max_batch)]
         return torch.cat(outs, dim=0)
+
+    def encode_images(self, inputs: Sequence[VisionInput]) -> list[torch.Tensor]:
+        """Each image's embedding rows [tiles · tokens_per_tile, H_llm], in order; the tiles
+        of all the images run as one batch (`encode`)."""
+        if not inputs:
+            return []
+        feats = self.encode(torch.cat([x.pixels for x in inputs]))
+        per_tile = feats.shape[1]
+        rows = feats.reshape(-1, feats.shape[-1])
+        return list(rows.split([x.pixels.shape[0] * per_tile for x in inputs]))

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from .config import InternVLConfig, LLMConfig
+from ..llm.config import LLMConfig
+from .config import InternVLConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -240,16 +241,16 @@ COMPONENTS = {"vision": ("vit.", "mlp1."), "llm": ("llm.",)}
 
 def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, progress: bool = True,
-                 components: tuple[str, ...] = ("vision", "llm")) -> dict[str, torch.Tensor]:
+                 components: tuple[str, ...] = ("vision", "llm"), workers: int = 1) -> dict[str, torch.Tensor]:
     """Load all shards, fuse parts and check every tensor against `expected_shapes`.
 
     `components` limits loading to the vision encoder or the LLM, so a process holds
-    only the part it runs.
+    only the part it runs; `workers` threads read shards (LOADWORKER, via the caller).
     """
     prefixes = tuple(p for c in components for p in COMPONENTS[c])
     model_dir = Path(model_dir)
     shards = list_shards(model_dir)
-    workers = max(1, int(os.environ.get("LOADWORKER", "1")))
+    workers = max(1, workers)
     collected: dict[str, list] = {}
     bar = _progress(len(shards), "loading weights", progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ... import kernels
 from ..parallel import TPGroup, local_kv_heads
-from ..internvl.config import LLMConfig
+from .config import LLMConfig
 
 
 @dataclass

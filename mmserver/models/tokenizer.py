@@ -8,8 +8,8 @@ import os
 def load_tokenizer(model_dir: str | os.PathLike, trust_remote_code: bool = False):
     """The checkpoint's own tokenizer (tokenizer.json, or remote code when allowed).
 
-    transformers reads config.json on the way and warns that `internvl_chat` is not a
-    model type it knows; that is expected for the original layout, so the warning is muted.
+    transformers reads config.json on the way and warns about a model type it does not know
+    (InternVL's original layout says `internvl_chat`); that is expected, so the warning is muted.
     """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -1,0 +1,134 @@
+"""InternVL (2, 2.5, 3) as a `ModelFamily`: dynamic tiling, 256 tokens per 448² tile,
+`<img><IMG_CONTEXT>…</img>` prompts, MPT-style templates, plain 0..L-1 positions.
+
+Image options: the request's `image_max_patch_num` (-1: the default) and an image's own
+`max_dynamic_patch` (OpenAI image part, LMDeploy's name) cap its tiles; the default cap is
+MAX_PATCH_NUM, else the checkpoint's `max_dynamic_patch`. The cap is the option key
+(`max{cap}`, so the cache key reads `md5:max12`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigError, OptionError
+from ..family import COMPONENTS, ImagePlan, ImageSource, ModelFamily, VisionInput
+from ..parallel import TPGroup
+from .config import InternVLConfig, load_config, stop_token_ids
+from .preprocess import load_image, normalize_pixels, num_tiles, tile_pixels
+from .prompt import SpecialIds, context_spans, expand_prompt, get_template, question_with_images
+
+
+def _env_cap(name: str = "MAX_PATCH_NUM") -> int | None:
+    """LightLLM's default tile cap, read once when the family is built."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ConfigError(f"environment variable {name}={value} must be >= 1")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class InternVLFamily(ModelFamily):
+    name = "internvl"
+    env_help = ("INTERNVL_IMAGE_LENGTH (image tokens per tile; must match the checkpoint), "
+                "MAX_PATCH_NUM (default tile cap per image)")
+
+    def __init__(self, model_dir: str | os.PathLike, trust_remote_code: bool = False):
+        super().__init__(model_dir, trust_remote_code)
+        self._cfg = load_config(self.model_dir)  # also checks INTERNVL_IMAGE_LENGTH
+        # tile cap of images whose request sets none
+        self.default_cap = _env_cap() or self._cfg.max_dynamic_patch
+        self._special: SpecialIds | None = None
+
+    @property
+    def config(self) -> InternVLConfig:
+        return self._cfg
+
+    # ----------------------------------------------------------------- loading
+
+    def load_weights(self, device: str = "cpu", dtype: torch.dtype = torch.float32, tp: TPGroup | None = None,
+                     components: Sequence[str] = COMPONENTS, progress: bool = True,
+                     workers: int = 1) -> dict[str, torch.Tensor]:
+        from .model import load_sharded_weights
+
+        return load_sharded_weights(self.model_dir, self._cfg, device, dtype, tp, tuple(components), progress,
+                                    workers)
+
+    def build_encoder(self, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
+        from .vision import VisionEncoder
+
+        return VisionEncoder(self._cfg, weights, tp)
+
+    # ----------------------------------------------------------------- prompts
+
+    def check_tokenizer(self, tokenizer) -> None:
+        self._special = SpecialIds.from_tokenizer(tokenizer)
+
+    @property
+    def special(self) -> SpecialIds:
+        """`<img>`, `</img>` and `<IMG_CONTEXT>` ids of the tokenizer."""
+        if self._special is None:
+            self.check_tokenizer(self.tokenizer)
+        return self._special
+
+    def expand_prompt(self, prompt: str, token_counts: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        return expand_prompt(self.tokenizer, prompt, token_counts, self.special)
+
+    def find_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        return context_spans(ids, self.special.img_context)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        return get_template(self._cfg.template).render(messages, self._cfg.system_message, add_generation_prompt)
+
+    def question_with_images(self, text: str, num_images: int) -> str:
+        return question_with_images(text, num_images)
+
+    def stop_token_ids(self) -> list[int]:
+        return stop_token_ids(self.model_dir, self.tokenizer, self._cfg.llm.eos_token_ids)
+
+    # ----------------------------------------------------------------- images
+
+    @property
+    def embeds_row_multiple(self) -> int:
+        return self._cfg.image_tokens_per_tile
+
+    def image_options(self, request: Mapping[str, Any], image: Mapping[str, Any]) -> str:
+        req_cap = request.get("image_max_patch_num", -1)
+        if not _is_int(req_cap) or req_cap == 0 or req_cap < -1:
+            raise OptionError("image_max_patch_num", f"must be -1 (model default) or >= 1, got {req_cap}")
+        cap = image.get("max_dynamic_patch")
+        if cap is not None and (not _is_int(cap) or cap < 1):
+            raise OptionError("max_dynamic_patch", f"must be an integer >= 1, got {cap!r}")
+        return f"max{cap or (req_cap if req_cap > 0 else self.default_cap)}"
+
+    @staticmethod
+    def _cap(options: str) -> int:
+        return int(options.removeprefix("max"))
+
+    def plan_image(self, width: int, height: int, options: str) -> ImagePlan:
+        tiles = num_tiles(width, height, max_num=self._cap(options), min_num=self._cfg.min_dynamic_patch,
+                          use_thumbnail=self._cfg.use_thumbnail)
+        return ImagePlan(tiles * self._cfg.image_tokens_per_tile)
+
+    def preprocess(self, image: ImageSource, options: str, index: int = 0, normalize: bool = False) -> VisionInput:
+        # uint8 tiles: a quarter of the float bytes; the encoder normalises them on its device
+        tiles = tile_pixels(load_image(image, index), max_num=self._cap(options),
+                            min_num=self._cfg.min_dynamic_patch, use_thumbnail=self._cfg.use_thumbnail)
+        pixels = normalize_pixels(tiles) if normalize else tiles
+        return VisionInput(pixels, tiles.shape[0] * self._cfg.image_tokens_per_tile)
+
+    def warmup_input(self) -> VisionInput:
+        size = self._cfg.vision.image_size
+        return VisionInput(torch.zeros((1, size, size, 3), dtype=torch.uint8), self._cfg.image_tokens_per_tile)
