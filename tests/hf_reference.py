@@ -27,6 +27,39 @@ def hf_pixel_values(images, max_patches: int = 12) -> tuple[torch.Tensor, list[i
     return out["pixel_values"], [int(n) for n in out["num_patches"]]
 
 
+def hf_processor(model_dir: str | Path, max_patches: int = 12):
+    """transformers' InternVLProcessor over the checkpoint's tokenizer and the GotOCR2 image
+    processor (the PIL one: no torchvision here): prompt ids and tiles made without our code."""
+    from transformers import AutoTokenizer, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # What the released tokenizer configs declare for InternVL (the tiny one does not).
+    for name, token in {"start_image_token": "<img>", "end_image_token": "</img>",
+                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}.items():
+        setattr(tok, name, token)
+        setattr(tok, name + "_id", tok.convert_tokens_to_ids(token))
+    images = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max_patches,
+                                      size={"height": 448, "width": 448},
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+    class Processor(InternVLProcessor):
+        def check_argument_for_proper_class(self, name, arg):  # its class lookup needs torchvision
+            return type(arg)
+
+    return Processor(image_processor=images, tokenizer=tok, image_seq_length=256)
+
+
+def hf_inputs(model_dir: str | Path, prompt: str, images, max_patches: int = 12) -> tuple[list[int], torch.Tensor | None]:
+    """Prompt ids and pixel values as transformers makes them; `<image>` and `<img></img>` mark
+    images (transformers marks an image's place with the context token itself)."""
+    text = prompt.replace("<img></img>", "<IMG_CONTEXT>").replace("<image>", "<IMG_CONTEXT>")
+    if not images:
+        return list(hf_processor(model_dir, max_patches).tokenizer(text)["input_ids"]), None
+    out = hf_processor(model_dir, max_patches)(text=text, images=list(images), return_tensors="pt")
+    return out["input_ids"][0].tolist(), out["pixel_values"]
+
+
 @torch.inference_mode()
 def hf_greedy(model_dir: str | Path, input_ids: list[int], pixel_values: torch.Tensor | None,
               max_new_tokens: int) -> list[int]:

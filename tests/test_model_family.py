@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_image
+from hf_reference import hf_processor
 from mmserver.models.errors import ConfigError, OptionError
 from mmserver.models.internvl.family import InternVLFamily
 from mmserver.models.registry import load_family
@@ -61,28 +62,6 @@ def test_server_refuses_an_unknown_architecture(ckpt, tmp_path):
 # --------------------------------------------------------------------------- prompts
 
 
-def _hf_processor(model_dir: Path, max_patches: int):
-    """transformers' InternVLProcessor over the checkpoint's tokenizer and the GotOCR2 image
-    processor (the PIL one: no torchvision here)."""
-    from transformers import AutoTokenizer, InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    # What the released tokenizer configs declare for InternVL (the tiny one does not).
-    for name, token in {"start_image_token": "<img>", "end_image_token": "</img>",
-                        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}.items():
-        setattr(tok, name, token)
-        setattr(tok, name + "_id", tok.convert_tokens_to_ids(token))
-    images = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max_patches,
-                                      size={"height": 448, "width": 448})
-
-    class Processor(InternVLProcessor):
-        def check_argument_for_proper_class(self, name, arg):  # its class lookup needs torchvision
-            return type(arg)
-
-    return Processor(image_processor=images, tokenizer=tok, image_seq_length=256)
-
-
 PROMPTS = {
     "one_448": ("<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n", [(448, 448)], 12),
     "multi_tile": ("<image>\nDescribe the picture in detail.", [(640, 480)], 12),
@@ -101,7 +80,7 @@ def test_expansion_matches_transformers_processor(checkpoints, case):
     ids, spans = family.expand_prompt(prompt, counts)
 
     # transformers marks an image's place with the context token itself
-    expected = _hf_processor(hf_dir, cap)(text=prompt.replace("<image>", "<IMG_CONTEXT>"), images=images)
+    expected = hf_processor(hf_dir, cap)(text=prompt.replace("<image>", "<IMG_CONTEXT>"), images=images)
     assert ids == list(expected["input_ids"][0])
     context = family.special.img_context
     assert [(s, n) for s, n in spans] == family.find_spans(ids)

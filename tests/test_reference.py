@@ -9,7 +9,7 @@ import torch
 from mmserver import GenerationConfig, pipeline
 from mmserver.models.internvl.preprocess import normalize_pixels, preprocess_image, tile_pixels
 
-from hf_reference import hf_greedy, hf_image_features, hf_pixel_values
+from hf_reference import hf_greedy, hf_image_features, hf_inputs, hf_pixel_values
 
 N_NEW = 12
 GREEDY = GenerationConfig(max_new_tokens=N_NEW, do_sample=False, ignore_eos=True)
@@ -25,14 +25,10 @@ def pipe(qwen_dirs):
     return pipeline(qwen_dirs[0], device="cpu", dtype="float32", max_total_tokens=32768, max_req_len=8192)
 
 
-def _reference(hf_dir, pipe, prompt, images, max_patches=12):
-    ids, pixels = pipe.prepare(prompt, images, max_patches)
-    if images:
-        hf_pixels, counts = hf_pixel_values(images, max_patches)
-        assert counts == [p.shape[0] for p in pixels], "tile counts differ from transformers"
-    else:
-        hf_pixels = None
-    return hf_greedy(hf_dir, ids, hf_pixels, N_NEW)
+def _reference(hf_dir, prompt, images, max_patches=12) -> tuple[list[int], list[int]]:
+    """transformers' prompt ids (its processor) and greedy tokens: nothing of ours on this side."""
+    ids, hf_pixels = hf_inputs(hf_dir, prompt, images, max_patches)
+    return ids, hf_greedy(hf_dir, ids, hf_pixels, N_NEW)
 
 
 CASES = {
@@ -47,11 +43,11 @@ CASES = {
 def test_greedy_matches_transformers(case, pipe, qwen_dirs, image_factory):
     prompt, specs = CASES[case]
     images = [image_factory(w, h, s) for w, h, s in specs]
-    expected = _reference(qwen_dirs[1], pipe, prompt, images)
+    hf_ids, expected = _reference(qwen_dirs[1], prompt, images)
     got = pipe.generate(prompt, images=images, gen_config=GREEDY)
     assert got.token_ids == expected
     assert got.finish_reason == "length"
-    assert got.prompt_tokens == len(pipe.prepare(prompt, images)[0])
+    assert got.prompt_tokens == len(hf_ids)
 
 
 def test_thirteen_tiles_for_640x480(pipe, image_factory):
@@ -63,11 +59,11 @@ def test_thirteen_tiles_for_640x480(pipe, image_factory):
 def test_per_request_tile_cap(pipe, qwen_dirs, image_factory):
     prompt = "<image>\nDescribe."
     image = image_factory(640, 480, 5)
-    expected = _reference(qwen_dirs[1], pipe, prompt, [image], max_patches=6)
+    hf_ids, expected = _reference(qwen_dirs[1], prompt, [image], max_patches=6)
     cfg = GenerationConfig(max_new_tokens=N_NEW, ignore_eos=True, image_max_patch_num=6)
     got = pipe.generate(prompt, images=[image], gen_config=cfg)
     assert pipe.prepare(prompt, [image], 6)[1][0].shape[0] == 7  # (3,2) grid + thumbnail
-    assert got.token_ids == expected
+    assert got.token_ids == expected and got.prompt_tokens == len(hf_ids)
     uncapped = pipe.generate(prompt, images=[image], gen_config=GREEDY)
     assert uncapped.prompt_tokens - got.prompt_tokens == (13 - 7) * 256
 

@@ -15,7 +15,7 @@ from .weights import load_weights
 
 
 class InternVLModel:
-    """With `tp` (size > 1) `weights` are this rank's shard; see `mmserver.engine.tp`."""
+    """With `tp` (size > 1) `weights` are this rank's shard; see `mmserver.models.parallel`."""
 
     def __init__(self, cfg: InternVLConfig, weights: dict[str, torch.Tensor], model_dir: Path,
                  tp: TPGroup | None = None):
