@@ -151,3 +151,17 @@ def test_top_logprobs_same_with_overlap_on_and_off(pipe, prompts):
                 continue
             assert [i for i, _ in ta] == [i for i, _ in tb]
             np.testing.assert_allclose([x for _, x in ta], [x for _, x in tb], rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_structured_and_top_logprobs(pipe):
+    from mmserver import GenerationConfig
+
+    r = pipe("Pick a side.", GenerationConfig(max_new_tokens=20, structured={"choice": ["left", "right"]},
+                                              top_logprobs=2, logprobs=True))
+    assert r.text in ("left", "right") and r.finish_reason == "stop"
+    assert len(r.top_logprobs) == len(r.token_ids) and all(len(t) == 2 for t in r.top_logprobs)
+    plain = pipe("Pick a side.", GenerationConfig(max_new_tokens=3, logprobs=True))
+    assert plain.top_logprobs is None
+    with pytest.raises(ValueError, match="invalid regex"):
+        pipe("x", GenerationConfig(structured={"regex": "("}))
+    assert not pipe.engine.has_work()
