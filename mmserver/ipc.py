@@ -75,7 +75,8 @@ class Token:
     req_id: int
     token_id: int
     logprob: float
-    finish_reason: str | None = None  # "stop" (a stop id) | "length"
+    finish_reason: str | None = None  # "stop" (a stop id or a finished grammar) | "length" | "error"
+    top: list[tuple[int, float]] | None = None  # top_logprobs alternatives (id, logprob), best first
 
     @property
     def finished(self) -> bool:
@@ -100,6 +101,7 @@ class _TokenLike(Protocol):  # Token, or the engine's StepOutput
     token_id: int
     logprob: float
     finish_reason: str | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
@@ -111,19 +113,23 @@ class Outputs:
     token_ids: list[int]
     logprobs: list[float]
     finish_reasons: dict[int, str]  # req id → reason, for the requests this step ended
+    # Sparse column: position in this message → that token's top_logprobs alternatives, only for
+    # the tokens of requests that asked for them (None when none did).
+    tops: dict[int, list[tuple[int, float]]] | None = None
 
     @classmethod
     def of(cls, tokens: Sequence[_TokenLike]) -> Outputs:
+        tops = {i: t.top for i, t in enumerate(tokens) if t.top is not None} or None
         return cls([t.req_id for t in tokens], [t.token_id for t in tokens], [t.logprob for t in tokens],
-                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None})
+                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None}, tops)
 
     def __len__(self) -> int:
         return len(self.req_ids)
 
     def __iter__(self) -> Iterator[Token]:
-        reasons = self.finish_reasons
-        for rid, tok, lp in zip(self.req_ids, self.token_ids, self.logprobs):
-            yield Token(rid, tok, lp, reasons.get(rid))
+        reasons, tops = self.finish_reasons, self.tops
+        for i, (rid, tok, lp) in enumerate(zip(self.req_ids, self.token_ids, self.logprobs)):
+            yield Token(rid, tok, lp, reasons.get(rid), tops.get(i) if tops else None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,6 +63,9 @@ class GenerationConfig:
     image_max_patch_num: int = -1  # -1: the model's default (an image option: the model family reads it)
     skip_special_tokens: bool = True
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0-20), in Response.top_logprobs: [(id, logprob), ...]
+    # Structured output: an OpenAI response_format or vLLM structured_outputs dict (see README)
+    structured: dict | None = None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike) -> "GenerationConfig":
@@ -88,6 +91,7 @@ class Response:
     prompt_tokens: int
     logprobs: list[float] | None = None
     index: int = 0  # which input of a batch
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, with GenerationConfig.top_logprobs
 
     @property
     def generate_token_len(self) -> int:  # LMDeploy's name
@@ -109,6 +113,7 @@ class StreamResponse:
     prompt_tokens: int
     generated_tokens: int  # so far, this step included
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -185,7 +190,7 @@ class Pipeline:
         self.stop_token_ids = self.family.stop_token_ids()
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
-        self.engine = Engine(self.model.llm, engine_config or EngineConfig())
+        self.engine = Engine(self.model.llm, engine_config or EngineConfig(), tokenizer=self.tokenizer)
 
     # ----------------------------------------------------------------------------------
     # Public API
@@ -355,7 +360,7 @@ class Pipeline:
                 text += st.detok.flush()
             del live[out.req_id]
         return StreamResponse(text, [out.token_id], reason, st.index, st.prompt_tokens, st.count,
-                              [out.logprob] if want_logprobs else None)
+                              [out.logprob] if want_logprobs else None, [out.top] if out.top is not None else None)
 
     def _collect(self, stream: Iterator[StreamResponse], gen: GenerationConfig,
                  progress_total: int | None = None) -> list[Response]:
@@ -366,11 +371,14 @@ class Pipeline:
                                               disable=not show) as bar:
             for out in stream:
                 r = results.setdefault(out.index, Response("", [], None, out.prompt_tokens,
-                                                           [] if gen.logprobs else None, out.index))
+                                                           [] if gen.logprobs else None, out.index,
+                                                           [] if gen.top_logprobs else None))
                 r.text += out.text
                 r.token_ids += out.token_ids
                 if r.logprobs is not None:
                     r.logprobs += out.logprobs
+                if r.top_logprobs is not None:
+                    r.top_logprobs += out.top_logprobs
                 if out.finish_reason is not None:
                     r.finish_reason = out.finish_reason
                     bar.update(1)

@@ -13,13 +13,20 @@ GPU computes. Step N reads the tokens of step N-1 on the device (the scheduler's
 says how); a batch with a request that needs its tokens on the host (penalties) waits for
 step N-1 first. Each step's outputs come back one `step()` later; `has_work()` stays true until
 they have. The outputs are the same with the schedule on or off.
+
+Structured outputs: a request whose `SamplingParams.structured` is set gets a grammar matcher
+(`GrammarState`) at `add_request`, from one `StructuredCompiler` per engine (per stop-id set),
+built on the first such request from the tokenizer given to the engine (the tokenizer, or a
+function returning it) and the model's vocabulary (the LM head's rows). Its rows are masked in
+the sampler, and it accepts each token when the token reaches the host (`Scheduler.postprocess`).
+Requests without one, and `top_logprobs` 0, take the same path as before.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -38,8 +45,10 @@ __all__ = ["Engine", "EngineConfig", "RequestError", "StepOutput"]
 class Engine:
     """The public face of the engine: a Scheduler and a ModelRunner sharing one KV pool and token table."""
 
-    def __init__(self, llm: DecoderLM, config: EngineConfig):
+    def __init__(self, llm: DecoderLM, config: EngineConfig, tokenizer: Any | Callable[[], Any] | None = None):
         self.llm = llm
+        self._tokenizer = tokenizer  # for structured outputs: a tokenizer, or a function returning one
+        self._compilers: dict[tuple[int, ...], Any] = {}  # stop ids → StructuredCompiler, made on first use
         self.config = config
         self.device = llm.device
         self.kv, self.table = allocate_kv(llm, config)
@@ -77,11 +86,30 @@ class Engine:
             raise RequestError(f"prompt has {len(offsets)} image tokens but {n_rows} image embedding rows were given")
         rope = rope_inputs(rope_positions, rope_delta, n_prompt, params.max_new_tokens,
                            self.llm.cfg.max_position_embeddings)
+        grammar = self._grammar(params) if params.structured is not None else None
         rid = next(self._ids) if req_id is None else req_id
         self.scheduler.add(Request(rid, list(prompt_ids), params, image_embeds=image_embeds if n_rows else None,
                                    image_offsets=offsets, rope_positions=rope, rope_delta=rope_delta,
-                                   generator=make_generator(params.seed, self.device)))
+                                   generator=make_generator(params.seed, self.device), grammar=grammar))
         return rid
+
+    def _grammar(self, params: SamplingParams) -> Any:
+        """A fresh matcher for `params.structured` (compiled once per spec: the compiler's LRU)."""
+        from ..structured import StructuredCompiler, StructuredOutputError
+
+        key = tuple(params.stop_token_ids)
+        compiler = self._compilers.get(key)
+        if compiler is None:
+            if self._tokenizer is None:
+                raise RequestError("structured outputs need the engine to have the tokenizer")
+            if callable(self._tokenizer) and not hasattr(self._tokenizer, "convert_ids_to_tokens"):
+                self._tokenizer = self._tokenizer()  # a factory: load it once, now
+            compiler = StructuredCompiler(self._tokenizer, self.llm.cfg.vocab_size, list(key))
+            self._compilers[key] = compiler
+        try:
+            return compiler.new_state(params.structured)
+        except StructuredOutputError as e:
+            raise RequestError(str(e)) from None
 
     def abort(self, req_id: int, reason: str = "abort") -> None:
         """Finish a request now (client gone, stop string seen); frees its slots at once."""

@@ -41,6 +41,9 @@ class Launched:
     host_tokens: torch.Tensor  # [R] views of the pinned buffers the results are copied to
     host_logprobs: torch.Tensor
     ready: torch.cuda.Event | None  # recorded after the copies (CUDA)
+    # [R, K] top_logprobs alternatives on (or on their way to) the host; None when no row asked
+    host_top_ids: torch.Tensor | None = None
+    host_top_logprobs: torch.Tensor | None = None
 
 
 def fill_pending_ids(input_ids: torch.Tensor, previous: torch.Tensor) -> None:
@@ -84,16 +87,31 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.int64)
             return Launched([], empty, empty, empty, None)
         producers = [plan.requests[i] for i in rows]
-        token_ids, logprobs = self.sampler(logits, [r.params for r in producers], [r.prompt_ids for r in producers],
-                                           [r.output_ids for r in producers], [r.generator for r in producers],
-                                           num_outputs=[plan.num_generated[i] for i in rows])
-        return self._copy_to_host(producers, token_ids, logprobs)
+        params = [r.params for r in producers]
+        sample_args = (logits, params, [r.prompt_ids for r in producers], [r.output_ids for r in producers],
+                       [r.generator for r in producers])
+        num_outputs = [plan.num_generated[i] for i in rows]
+        has_grammar = any(r.grammar is not None for r in producers)
+        if not has_grammar and not any(p.top_logprobs for p in params):  # the common case, as cheap as ever
+            token_ids, logprobs = self.sampler(*sample_args, num_outputs=num_outputs)
+            return self._copy_to_host(producers, token_ids, logprobs)
+        grammars = [r.grammar for r in producers] if has_grammar else None
+        result = self.sampler.sample(*sample_args, num_outputs=num_outputs, grammars=grammars)
+        return self._copy_to_host(producers, result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)
 
-    def resolve(self, step: Launched) -> tuple[list[Request], list[int], list[float]]:
-        """Wait for a launched step's results: its producing requests, tokens and logprobs."""
+    def resolve(self, step: Launched) -> tuple[list[Request], list[int], list[float],
+                                               list[list[tuple[int, float]] | None] | None]:
+        """Wait for a launched step's results: its producing requests, tokens, logprobs and, when
+        some row asked for them, each row's top_logprobs alternatives ((id, logprob), best
+        first; None for a row that asked for none)."""
         if step.ready is not None:
             step.ready.synchronize()
-        return step.producers, step.host_tokens.tolist(), step.host_logprobs.tolist()
+        top = None
+        if step.host_top_ids is not None:
+            ids, lps = step.host_top_ids.tolist(), step.host_top_logprobs.tolist()
+            top = [list(zip(i[:r.params.top_logprobs], lp[:r.params.top_logprobs])) if r.params.top_logprobs
+                   else None for r, i, lp in zip(step.producers, ids, lps)]
+        return step.producers, step.host_tokens.tolist(), step.host_logprobs.tolist(), top
 
     def prepare(self, plan: StepPlan, previous: Launched | None) -> tuple[ForwardBatch, int | None]:
         """The device batch of `plan` with its token-table cells written; returns it and the
@@ -189,10 +207,12 @@ class ModelRunner:
         return (torch.empty(n, dtype=torch.int64, pin_memory=self._pinned),
                 torch.empty(n, dtype=torch.float32, pin_memory=self._pinned))
 
-    def _copy_to_host(self, producers: list[Request], token_ids: torch.Tensor, logprobs: torch.Tensor) -> Launched:
-        """Start both results' copies to the host (async on CUDA, into this step's pinned pair)."""
+    def _copy_to_host(self, producers: list[Request], token_ids: torch.Tensor, logprobs: torch.Tensor,
+                      top_ids: torch.Tensor | None = None, top_logprobs: torch.Tensor | None = None) -> Launched:
+        """Start the results' copies to the host (async on CUDA, into this step's pinned pair;
+        the rare top_logprobs into pinned blocks of torch's caching host allocator)."""
         if not token_ids.is_cuda:
-            return Launched(producers, token_ids, token_ids, logprobs, None)
+            return Launched(producers, token_ids, token_ids, logprobs, None, top_ids, top_logprobs)
         n, pair = token_ids.numel(), self._launches % 2
         self._launches += 1
         if n > self._out_buffers[pair][0].numel():
@@ -200,9 +220,15 @@ class ModelRunner:
         tok, lp = (b[:n] for b in self._out_buffers[pair])
         tok.copy_(token_ids, non_blocking=True)
         lp.copy_(logprobs, non_blocking=True)
+        host_top_ids = host_top_lps = None
+        if top_ids is not None:
+            host_top_ids = torch.empty(top_ids.shape, dtype=top_ids.dtype, pin_memory=True)
+            host_top_lps = torch.empty(top_logprobs.shape, dtype=top_logprobs.dtype, pin_memory=True)
+            host_top_ids.copy_(top_ids, non_blocking=True)
+            host_top_lps.copy_(top_logprobs, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Launched(producers, token_ids, tok, lp, ready)
+        return Launched(producers, token_ids, tok, lp, ready, host_top_ids, host_top_lps)
 
     # ----------------------------------------------------------------------------------
     # CUDA graphs

@@ -8,7 +8,7 @@ neither owns the other's state, so both import it from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class Request:
     finish_reason: str | None = None
     pending: int = 0  # tokens sampled on the device, not yet in output_ids (overlap schedule)
     pending_index: int = -1  # row of the latest of them in its step's sampled tokens
+    # Structured output: the request's grammar matcher (mmserver.structured.GrammarState), or None.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +83,10 @@ class StepOutput:
     token_id: int
     logprob: float
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (the grammar refused the token)
+    # The request's top_logprobs alternatives for this token, (id, raw logprob), best first; None
+    # when it asked for none.
+    top: list[tuple[int, float]] | None = None
 
 
 def span_offsets(spans: Sequence[tuple[int, int]], n_prompt: int) -> list[int]:

@@ -138,21 +138,34 @@ class Scheduler:
             r.pending_index = k
         return plan
 
-    def postprocess(self, producers: list[Request], tokens: list[int], logprobs: list[float]) -> list[StepOutput]:
-        """Take a step's sampled tokens (in the order of its producing rows); retire what finished.
-        Tokens of requests that finished meanwhile (EOS one step earlier, abort) are dropped."""
+    def postprocess(self, producers: list[Request], tokens: list[int], logprobs: list[float],
+                    top: list[list[tuple[int, float]] | None] | None = None) -> list[StepOutput]:
+        """Take a step's sampled tokens (in the order of its producing rows) and, when some row
+        asked for them, their top_logprobs alternatives; retire what finished. Tokens of
+        requests that finished meanwhile (EOS one step earlier, abort) are dropped.
+
+        A request with a grammar accepts each token here, in order, before its next one is
+        sampled (it `needs_host_tokens`); a token the grammar refuses ends it with "error", and
+        a terminated grammar (it accepted a stop token) ends it with "stop", ignore_eos or not."""
         outs = []
-        for r, tok, lp in zip(producers, tokens, logprobs):
+        for k, (r, tok, lp) in enumerate(zip(producers, tokens, logprobs)):
             r.pending -= 1
             if r.finished:
                 continue
             r.output_ids.append(tok)
             r.output_logprobs.append(lp)
-            reason = self._finish_reason(r, tok)
+            reason = self._grammar_reason(r, tok) if r.grammar is not None else None
+            reason = reason or self._finish_reason(r, tok)
             if reason:
                 self._finish(r, reason)
-            outs.append(StepOutput(r.req_id, tok, lp, r.finished, r.finish_reason))
+            outs.append(StepOutput(r.req_id, tok, lp, r.finished, r.finish_reason, top[k] if top else None))
         return outs
+
+    @staticmethod
+    def _grammar_reason(r: Request, tok: int) -> str | None:
+        if not r.grammar.accept(tok):
+            return "error"
+        return "stop" if r.grammar.is_terminated() else None
 
     # ----------------------------------------------------------------------------------
     # Rules
@@ -212,4 +225,5 @@ class Scheduler:
         if r in self.running:
             self.running.remove(r)
         r.image_embeds = None
+        r.grammar = None
         self.requests.pop(r.req_id, None)

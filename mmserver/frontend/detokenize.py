@@ -20,11 +20,12 @@ complete, so that after it ``text == tokenizer.decode(ids)`` (cut at a stop).
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IncrementalDetokenizer", "token_text"]
+__all__ = ["IncrementalDetokenizer", "TokenPieces", "token_text"]
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context, so the first output token decodes as it
@@ -153,3 +154,75 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return tokenizer.decode(
         [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte → printable-character table, inverted (byte-level BPE vocabularies spell
+    every byte with one of these characters)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _vocab_kind(tokenizer: PreTrainedTokenizerBase) -> str:
+    """"byte_level" (GPT-2/Qwen2 BPE), "sentencepiece" (▁ for spaces, <0xNN> byte fallback) or "other"."""
+    if hasattr(tokenizer, "byte_decoder"):
+        return "byte_level"
+    if hasattr(tokenizer, "sp_model"):
+        return "sentencepiece"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = type(getattr(backend, "decoder", None)).__name__
+    if decoder == "ByteLevel":
+        return "byte_level"
+    if decoder == "Sequence" and "<0x0A>" in tokenizer.get_vocab():
+        return "sentencepiece"
+    return "other"
+
+
+class TokenPieces:
+    """Each token's own bytes and text, for per-token log-probability entries (cached by id).
+
+    The bytes are exact for byte-level BPE and SentencePiece (byte-fallback) vocabularies, read
+    from the token's vocabulary entry (`convert_ids_to_tokens`), so a token holding part of a
+    UTF-8 character has its real bytes; for other vocabularies and for added (special) tokens,
+    they are the UTF-8 of `token_text`. The text is the bytes decoded as UTF-8, an incomplete
+    character as U+FFFD."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self._kind: str | None = None
+        self._added: set[str] = set()
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        """(text, bytes as a list of ints)"""
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        if self._kind is None:
+            self._kind = _vocab_kind(self.tokenizer)
+            self._added = set(self.tokenizer.get_added_vocab())
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str) or piece in self._added or self._kind == "other":
+            return token_text(self.tokenizer, token_id).encode()
+        if self._kind == "byte_level":
+            try:
+                return bytes(_BYTE_DECODER[c] for c in piece)
+            except KeyError:
+                return token_text(self.tokenizer, token_id).encode()
+        if m := _SP_BYTE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()

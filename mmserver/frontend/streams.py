@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from ..ipc import Abort, Failure, ImageRef, Outputs, Sender, ServeRequest, Submit, Token, ToRouter, ToVisual
-from .detokenize import IncrementalDetokenizer, token_text
+from .detokenize import IncrementalDetokenizer, TokenPieces, token_text
 from .errors import BadRequest, HTTPError, Unavailable
 
 _ERRORS: dict[str, Callable[[str], HTTPError]] = {
@@ -33,6 +33,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     full_text: str | None = None
+    top: list[tuple[int, float]] | None = None  # top_logprobs alternatives (id, logprob), best first
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Streams:
         self._ids = itertools.count(1)
         self.counters = Counters()
         self.special_ids = set(tokenizer.all_special_ids)
+        self.token_piece = TokenPieces(tokenizer)  # id → (text, UTF-8 bytes), for logprobs entries
+        self._texts: dict[int, str] = {}  # token_text cache (bounded by the vocabulary)
         self.failure: str | None = None  # set when a worker died: every stream ends with an error
 
     def new_id(self) -> int:
@@ -112,6 +115,9 @@ class Streams:
                     finished = True
                     raise _ERRORS[item.kind](item.message)
                 tok, logprob, done, reason = item.token_id, item.logprob, item.finished, item.finish_reason
+                if reason == "error":  # the engine's grammar refused a sampled token: a bug, not the client's
+                    finished = True
+                    raise HTTPError(f"structured output failed: the grammar refused sampled token {tok}", 500)
                 count += 1
                 if count == 1:
                     self.counters.stage("total", time.monotonic() - req.t_arrival)
@@ -124,9 +130,10 @@ class Streams:
                     finished = True
                     if not detok.stopped:
                         text += detok.flush()
-                    yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, True, reason, detok.text)
+                    yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, True, reason, detok.text,
+                                     item.top)
                     return
-                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count)
+                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, top=item.top)
         finally:
             self.queues.pop(req.req_id, None)
             if not finished:  # client gone or error: stop the work and free its KV slots
@@ -134,4 +141,7 @@ class Streams:
             await self.release(refs)
 
     def token_text(self, token_id: int) -> str:
-        return token_text(self.tokenizer, token_id)
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = token_text(self.tokenizer, token_id)
+        return text

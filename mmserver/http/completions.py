@@ -6,8 +6,10 @@ vLLM number them). The prompt is tokenized as is (the tokenizer's special tokens
 added; no chat template). Choices over the OpenAI defaults of this server:
 - `max_tokens` defaults to 16 (OpenAI's default for this route);
 - greedy unless `temperature` > 0 is given, as in chat;
-- `logprobs` (an integer): per token, the chosen token's log-probability under the model's
-  raw distribution; `top_logprobs` holds the chosen token only, for now;
+- `logprobs` (an integer k): per token, the chosen token's log-probability under the model's
+  raw distribution, and in `top_logprobs` the k most likely tokens, plus the chosen one when it
+  is not among them (OpenAI's rule: up to k + 1 entries);
+- structured outputs as in chat (`response_format`, `structured_outputs`, `guided_*`);
 - `echo` with `logprobs` needs prompt log-probabilities, not available yet: a 400.
 """
 
@@ -23,14 +25,14 @@ from aiohttp import web
 
 from ..frontend.streams import TokenEvent
 from .common import AppState, json_body
-from .openai_common import (PARAM_NAMES, InvalidRequest, check_fields, check_model, finish_reason, finite_logprob,
+from .openai_common import (GUIDED, PARAM_NAMES, InvalidRequest, check_fields, check_model, finish_reason, finite_logprob,
                             parse_n, sampling, stream_options, stream_sse, usage)
 from .requests import Submission, admit, merged, prepare, release
 from .schemas import GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
-_FIELDS = {"model", "prompt", "stream", "stream_options", "n", "best_of", "echo", "logprobs", *PARAM_NAMES}
+_FIELDS = {"model", "prompt", "stream", "stream_options", "n", "best_of", "echo", "logprobs", *PARAM_NAMES, *GUIDED}
 _IGNORED = {"user"}  # does not change what is generated
 
 
@@ -76,6 +78,7 @@ def parse_completion(body: Any, state: AppState) -> CompletionRequest:
         raise InvalidRequest("'logprobs' with 'echo' needs prompt log-probabilities, which are not supported yet",
                              "logprobs")
     params, skip_special = sampling(body, PARAM_NAMES, state.stop_token_ids, DEFAULT_MAX_TOKENS)
+    params.top_logprobs = logprobs or 0
     prompts = [_prompt(p, i, state, skip_special) for i, p in enumerate(_prompt_list(body.get("prompt")))]
     req = GenerateRequest(inputs="", params=params, skip_special_tokens=skip_special)
     return CompletionRequest(prompts, req, n, stream, include_usage, echo, logprobs)
@@ -156,11 +159,13 @@ class _Logprobs:
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
 
-    def add(self, token: str, ev: TokenEvent) -> None:
+    def add(self, token: str, ev: TokenEvent, text_of) -> None:
         lp = finite_logprob(ev.logprob)
         self.tokens.append(token)
         self.token_logprobs.append(lp)
-        self.top_logprobs.append({token: lp})
+        top = {text_of(i): finite_logprob(x) for i, x in ev.top or ()}
+        top.setdefault(token, lp)  # the chosen token is always there
+        self.top_logprobs.append(top)
         self.text_offset.append(self.offset)
         self.offset += len(ev.text)
 
@@ -191,7 +196,8 @@ class _Choices:
     def add(self, i: int, ev: TokenEvent) -> None:
         self.last[i] = ev
         if self.logprobs[i] is not None:
-            self.logprobs[i].add(self.state.streams.token_text(ev.id), ev)
+            text_of = self.state.streams.token_text
+            self.logprobs[i].add(text_of(ev.id), ev, text_of)
 
     def usage(self) -> dict:
         prompt_tokens = sum(len(p.ids) for p in self.req.prompts)  # each prompt once, whatever n

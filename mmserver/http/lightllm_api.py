@@ -14,6 +14,11 @@ from .requests import merged, prepare
 from .schemas import parse_generate
 
 
+def _top(state: AppState, ev) -> list[dict]:
+    """A token's top_logprobs alternatives as /generate reports them."""
+    return [{"id": i, "text": state.streams.token_text(i), "logprob": lp} for i, lp in ev.top or ()]
+
+
 async def generate(request: web.Request) -> web.Response:
     state: AppState = request.config_dict["state"]
     req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
@@ -26,6 +31,8 @@ async def generate(request: web.Request) -> web.Response:
             if req.return_details:
                 tokens.append({"id": ev.id, "text": state.streams.token_text(ev.id), "logprob": ev.logprob,
                                "special": ev.special})
+                if req.params.top_logprobs:
+                    tokens[-1]["top_logprobs"] = _top(state, ev)
     state.streams.counters.outcome("ok")
     body = {"generated_text": [last.full_text], "count_output_tokens": last.count,
             "finish_reason": last.finish_reason, "prompt_tokens": len(sub.serve.input_ids)}
@@ -44,8 +51,11 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         _, ev = await anext(events)  # errors before the first token still get a proper status
         await resp.prepare(request)
         while True:
-            payload = {"token": {"id": ev.id, "text": ev.text, "logprob": ev.logprob, "special": ev.special,
-                                 "count_output_tokens": ev.count, "prompt_tokens": n_prompt},
+            token = {"id": ev.id, "text": ev.text, "logprob": ev.logprob, "special": ev.special,
+                     "count_output_tokens": ev.count, "prompt_tokens": n_prompt}
+            if req.params.top_logprobs:
+                token["top_logprobs"] = _top(state, ev)
+            payload = {"token": token,
                        "generated_text": ev.full_text if ev.finished else None,
                        "finished": ev.finished, "finish_reason": ev.finish_reason}
             await resp.write(b"data:" + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")

@@ -14,7 +14,10 @@ Where OpenAI's API leaves room (documented in the README):
 - other `image_url` keys are the image's options for the model family (InternVL reads
   LMDeploy's `max_dynamic_patch`, a per-image tile cap; unknown ones are ignored);
 - `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings;
-- vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens.
+- vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens;
+  structured outputs by `response_format` or vLLM's `structured_outputs` / `guided_*`;
+- `logprobs` / `top_logprobs`: raw log-probabilities (as /generate reports them); a token's
+  `token` is its own bytes decoded as UTF-8 (`TokenPieces`), `bytes` those bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from aiohttp import web
 from ..frontend.streams import TokenEvent
 from ..models.errors import PromptError
 from .common import AppState, json_body
-from .openai_common import (PARAM_NAMES, InvalidRequest, check_fields, check_model, finish_reason, parse_n,
-                            sampling, stream_options, stream_sse, usage)
+from .openai_common import (GUIDED, PARAM_NAMES, InvalidRequest, chat_logprobs, check_fields, check_model,
+                            finish_reason, parse_n, sampling, stream_options, stream_sse, top_logprobs_of, usage)
 from .requests import Submission, merged, prepare
 from .schemas import GenerateRequest, ImageSpec, check_image_count
 
@@ -39,7 +42,7 @@ STARTED = int(time.time())
 
 # max_completion_tokens is listed first: it wins over max_tokens
 _PARAM_NAMES = {"max_completion_tokens": "max_new_tokens", **PARAM_NAMES}
-_FIELDS = {"messages", "model", "stream", "stream_options", "n", *_PARAM_NAMES}
+_FIELDS = {"messages", "model", "stream", "stream_options", "n", "logprobs", "top_logprobs", *_PARAM_NAMES, *GUIDED}
 # Accepted and ignored: they do not change what is generated.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _ROLES = ("system", "developer", "user", "assistant")
@@ -53,6 +56,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     fit_to_context: bool  # no max_tokens given: use the room the prompt leaves
+    logprobs: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,6 +70,7 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     check_model(body)
     stream, include_usage = stream_options(body)
     n = parse_n(body, state.max_n)
+    top_logprobs = top_logprobs_of(body)
     messages, images = parse_messages(body.get("messages"))
     check_image_count(len(images), state.max_images)
     try:
@@ -75,8 +80,9 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     fit = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
     # without max_tokens: lowered to the prompt's room in prepare()
     params, skip_special = sampling(body, _PARAM_NAMES, state.stop_token_ids, state.intake.limits.max_req_len)
+    params.top_logprobs = top_logprobs or 0
     req = GenerateRequest(inputs=prompt, params=params, images=images, skip_special_tokens=skip_special)
-    return ChatRequest(req, n, stream, include_usage, fit)
+    return ChatRequest(req, n, stream, include_usage, fit, top_logprobs is not None)
 
 
 def parse_messages(raw: Any) -> tuple[list[dict], list[ImageSpec]]:
@@ -160,9 +166,9 @@ class _Chat:
     prompt_tokens: int
     include_usage: bool = False
 
-    def chunk(self, index: int, delta: dict, reason: str | None = None) -> dict:
+    def chunk(self, index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
         if self.include_usage:
             out["usage"] = None  # only the last chunk carries usage
         return out
@@ -178,33 +184,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # Started at once in either branch, so the streams always release the references.
     async with contextlib.aclosing(merged(state, subs)) as events:
         if chat.stream:
-            return await _stream(request, state, events, done, len(subs))
-        return await _complete(state, events, done, subs)
+            return await _stream(request, state, events, done, len(subs), chat.logprobs)
+        return await _complete(state, events, done, subs, chat.logprobs)
 
 
-async def _complete(state: AppState, events, done: _Chat, subs: list[Submission]) -> web.Response:
+async def _complete(state: AppState, events, done: _Chat, subs: list[Submission], logprobs: bool) -> web.Response:
     last: dict[int, TokenEvent] = {}
+    content: list[list[dict]] = [[] for _ in subs]
     async for i, ev in events:
         last[i] = ev
+        if logprobs:
+            content[i].append(chat_logprobs(state, ev))
     state.streams.counters.outcome("ok")
     choices = [{"index": i, "message": {"role": "assistant", "content": last[i].full_text},
-                "logprobs": None, "finish_reason": finish_reason(last[i].finish_reason)} for i in range(len(subs))]
+                "logprobs": {"content": content[i]} if logprobs else None,
+                "finish_reason": finish_reason(last[i].finish_reason)} for i in range(len(subs))]
     return web.json_response({"id": done.id, "object": "chat.completion", "created": done.created,
                               "model": done.model, "choices": choices,
                               "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()))})
 
 
-async def _stream(request: web.Request, state: AppState, events, done: _Chat, n: int) -> web.StreamResponse:
+async def _stream(request: web.Request, state: AppState, events, done: _Chat, n: int,
+                  logprobs: bool) -> web.StreamResponse:
     counts = [0] * n
+    held: list[list[dict]] = [[] for _ in range(n)]  # logprobs of tokens whose text is not sent yet
+
+    def take(i: int) -> dict | None:
+        if not logprobs:
+            return None
+        out, held[i] = {"content": held[i]}, []
+        return out
 
     def start() -> list[dict]:
         return [done.chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
 
     def on_event(i: int, ev: TokenEvent) -> list[dict]:
         counts[i] = ev.count
+        if logprobs:
+            held[i].append(chat_logprobs(state, ev))
         if ev.finished:  # the last text rides with the finish reason; content is always a string
-            return [done.chunk(i, {"content": ev.text}, finish_reason(ev.finish_reason))]
-        return [done.chunk(i, {"content": ev.text})] if ev.text else []
+            return [done.chunk(i, {"content": ev.text}, finish_reason(ev.finish_reason), take(i))]
+        # a token whose text is held back (partial character, possible stop string) rides with
+        # the next chunk, logprobs included
+        return [done.chunk(i, {"content": ev.text}, logprobs=take(i))] if ev.text else []
 
     def end() -> list[dict]:
         if not done.include_usage:

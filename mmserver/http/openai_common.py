@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..frontend.errors import BadRequest, HTTPError
 from ..frontend.streams import TokenEvent
 from .common import AppState, openai_error
@@ -21,7 +21,11 @@ PARAM_NAMES = {
     "seed": "seed", "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
     "top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens",
     "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs (and GUIDED below)
+    "response_format": "response_format", "structured_outputs": "structured_outputs",
 }
+# vLLM's older top-level names of structured_outputs' keys
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class InvalidRequest(BadRequest):
@@ -80,6 +84,12 @@ def sampling(body: dict, names: dict[str, str], stop_token_ids: list[int],
         if body.get(name) is not None and internal not in raw:  # the first name listed wins
             raw[internal], given[internal] = body[name], name
     raw.setdefault("max_new_tokens", default_max_tokens)
+    guided = {k: body[k] for k in GUIDED if body.get(k) is not None}
+    if guided:
+        if "structured_outputs" in raw:
+            raise InvalidRequest(f"'{next(iter(guided))}' cannot be combined with 'structured_outputs'",
+                                 next(iter(guided)))
+        raw["structured_outputs"], given["structured_outputs"] = guided, next(iter(guided))
     try:
         p = parse_parameters(raw)
         p["do_sample"] = "temperature" in raw and p["temperature"] > 0
@@ -87,6 +97,35 @@ def sampling(body: dict, names: dict[str, str], stop_token_ids: list[int],
     except ParamError as e:
         name = given.get(e.param, e.param)
         raise InvalidRequest(f"'{name}' {e.detail}", name) from None
+
+
+def top_logprobs_of(body: dict) -> int | None:
+    """Chat's `logprobs` (boolean) and `top_logprobs` (0-20, needs logprobs): None without logprobs,
+    else the alternatives wanted per token."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidRequest(f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
+                                 "top_logprobs")
+        if not logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs' to be true", "top_logprobs")
+    return (top or 0) if logprobs else None
+
+
+def logprob_entry(state: AppState, token_id: int, logprob: float) -> dict:
+    """One token in chat's logprobs shape (without its alternatives): the token's own text and
+    UTF-8 bytes (`TokenPieces`)."""
+    text, raw = state.streams.token_piece(token_id)
+    return {"token": text, "logprob": finite_logprob(logprob), "bytes": raw}
+
+
+def chat_logprobs(state: AppState, ev: TokenEvent) -> dict:
+    """A generated token's entry of chat's `logprobs.content`, with its top_logprobs."""
+    entry = logprob_entry(state, ev.id, ev.logprob)
+    entry["top_logprobs"] = [logprob_entry(state, i, lp) for i, lp in ev.top or ()]
+    return entry
 
 
 def finish_reason(reason: str | None) -> str:

@@ -26,6 +26,10 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
     "image_max_patch_num": ((int,), -1),
     "return_details": ((bool,), False),
     "skip_special_tokens": ((bool,), True),
+    "top_logprobs": ((int,), 0),  # alternatives per token in the details (0-20)
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (see structured_spec)
+    "response_format": ((dict, type(None)), None),
+    "structured_outputs": ((dict, type(None)), None),
     # Accepted for LightLLM/TGI compatibility; only the value 1 makes sense here.
     "best_of": ((int,), 1),
     "n": ((int,), 1),
@@ -66,7 +70,7 @@ class GenerateRequest:
 
 def _type_name(types: tuple[type, ...]) -> str:
     names = {int: "integer", float: "number", bool: "boolean", list: "list of strings", str: "string",
-             type(None): "null"}
+             dict: "object", type(None): "null"}
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
@@ -98,13 +102,43 @@ def parse_parameters(raw: Any) -> dict[str, Any]:
     return out
 
 
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def structured_spec(p: dict[str, Any]) -> dict[str, Any] | None:
+    """The request's constraint (None: unconstrained), checked now without the tokenizer: a
+    malformed spec, schema, regex or grammar is a ParamError naming the parameter and the problem.
+    `response_format` {"type": "text"} is no constraint; it cannot be combined with `structured_outputs`."""
+    fmt, vllm = p["response_format"], p["structured_outputs"]
+    if fmt is not None:
+        if fmt.get("type") not in _RESPONSE_FORMATS:
+            raise ParamError("response_format", f"type must be one of {', '.join(map(repr, _RESPONSE_FORMATS))}, "
+                                                f"got {fmt.get('type')!r}")
+        if fmt["type"] == "text":
+            fmt = None
+    if fmt is not None and vllm is not None:
+        raise ParamError("structured_outputs", "cannot be combined with a response_format that constrains the output")
+    name, spec = ("response_format", fmt) if fmt is not None else ("structured_outputs", vllm)
+    if spec is None:
+        return None
+    from ..structured import StructuredOutputError, build_grammar, parse_spec
+
+    try:
+        build_grammar(parse_spec(spec))  # cached: SamplingParams.validate and the router's compile reuse it
+    except StructuredOutputError as e:
+        raise ParamError(name, f"is invalid: {e}", f"parameter '{name}' is invalid: {e}") from None
+    return spec
+
+
 def sampling_params(p: dict[str, Any], stop_token_ids: list[int]) -> SamplingParams:
+    structured = structured_spec(p)
     params = SamplingParams(
         max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], temperature=float(p["temperature"]),
         top_p=float(p["top_p"]), top_k=p["top_k"], repetition_penalty=float(p["repetition_penalty"]),
         presence_penalty=float(p["presence_penalty"]), frequency_penalty=float(p["frequency_penalty"]),
         ignore_eos=p["ignore_eos"], min_new_tokens=p["min_new_tokens"], stop_sequences=p["stop_sequences"],
-        seed=p["seed"], stop_token_ids=list(stop_token_ids), logprobs=True)
+        seed=p["seed"], stop_token_ids=list(stop_token_ids), logprobs=True, top_logprobs=p["top_logprobs"],
+        structured=structured)
     try:
         params.validate()
     except ValueError as e:  # SamplingParams names the field first: "<name> must be …"

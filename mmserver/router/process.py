@@ -126,7 +126,9 @@ def run_router(ready, args: ServerArgs, from_http: Connection, from_visual: Conn
 
     family, llm, tp, engine_cfg, dtype = _load_llm(args, 0, init_method)
     model = TPLeader(llm, tp) if tp.size > 1 else llm
-    engine = Engine(model, engine_cfg)
+    # The tokenizer is loaded only if a request asks for structured output (its grammar is
+    # compiled for this tokenizer and the LM head's vocabulary).
+    engine = Engine(model, engine_cfg, tokenizer=lambda: family.tokenizer)
     router = Router(engine, to_http, family.config.llm.hidden_size, dtype, family.rope_inputs)
     ready({"kv_slots": engine_cfg.max_total_tokens, "max_req_len": engine_cfg.max_req_len})
     try:
