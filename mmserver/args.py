@@ -44,6 +44,8 @@ class ServerArgs:
     api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
     overlap_schedule: str = "auto"
     log_level: str = "info"
+    min_pixels: int | None = None  # Qwen2-VL's image pixel range (MIN_PIXELS / MAX_PIXELS for the family)
+    max_pixels: int | None = None
     # From the environment (LightLLM's name), checked here so a bad value stops the start with
     # its name; the loaders pass it to the weight reader. A model family reads its own
     # variables when it is built (models/<family>/family.py).
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--min_pixels", type=int, default=None,
+      help="Qwen2-VL: the server's image pixel range, low end (default: preprocessor_config.json); requests may "
+           "only narrow the range")
+    a("--max_pixels", type=int, default=None,
+      help="Qwen2-VL: the range's high end (default: preprocessor_config.json, 16384 tokens on the hub: cap it)")
     return p
 
 
@@ -164,6 +171,11 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     args = ServerArgs(**{k: v for k, v in vars(ns).items() if k not in ("chunked_prefill_size", "batch_max_tokens")},
                       batch_max_tokens=batch_max)
     args.load_workers = env_int("LOADWORKER") or 1
+    for name, value in (("MIN_PIXELS", args.min_pixels), ("MAX_PIXELS", args.max_pixels)):
+        if value is not None:
+            if value < 1:
+                raise ArgError(f"--{name.lower()} must be >= 1, got {value}")
+            os.environ[name] = str(value)  # the family reads it when built, in every process
     if args.api_key is None:
         args.api_key = os.environ.get("MMSERVER_API_KEY") or None
     check_args(args)

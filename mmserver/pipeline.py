@@ -61,6 +61,9 @@ class GenerationConfig:
     stop_sequences: list[str] = field(default_factory=list)
     seed: int | None = None
     image_max_patch_num: int = -1  # -1: the model's default (an image option: the model family reads it)
+    # Qwen2-VL's image options: a pixel range within the server's (None: the server's)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (0-20), in Response.top_logprobs: [(id, logprob), ...]
@@ -74,6 +77,12 @@ class GenerationConfig:
         path = Path(model_dir) / "generation_config.json"
         raw = json.loads(path.read_text()) if path.is_file() else {}
         return cls(**{k: raw[k] for k in _CHECKPOINT_DEFAULTS if raw.get(k) is not None})
+
+    def image_options(self) -> dict[str, Any]:
+        """The request's image options, for the model family (each reads its own)."""
+        out: dict[str, Any] = {"image_max_patch_num": self.image_max_patch_num}
+        out.update({k: v for k in ("min_pixels", "max_pixels") if (v := getattr(self, k)) is not None})
+        return out
 
     def sampling_params(self, stop_token_ids: list[int]) -> SamplingParams:
         names = {f.name for f in fields(SamplingParams)}
@@ -240,12 +249,14 @@ class Pipeline:
         results = self._collect(self._submit(requests, gen), gen)
         return results[0] if single else results
 
-    def prepare(self, prompt: str, images: Sequence[Any] = (),
-                image_max_patch_num: int = -1) -> tuple[list[int], list[torch.Tensor]]:
+    def prepare(self, prompt: str, images: Sequence[Any] = (), image_max_patch_num: int = -1,
+                **image_options: Any) -> tuple[list[int], list[torch.Tensor]]:
         """Tokenize a raw prompt with `<image>` placeholders and preprocess its images: the ids
         and each image's encoder input, as the reference processor gives it (an embeddings
-        input adds ids but no input). `image_max_patch_num` as in GenerationConfig."""
-        p = self._prepare(prompt, [ImageInput(x) for x in images], {"image_max_patch_num": image_max_patch_num})
+        input adds ids but no input). `image_max_patch_num` (and other image options, e.g.
+        max_pixels) as in GenerationConfig."""
+        p = self._prepare(prompt, [ImageInput(x) for x in images],
+                          {"image_max_patch_num": image_max_patch_num, **image_options})
         return p.ids, [v.input.pixels for v in p.visuals if v.input is not None]
 
     # ----------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ class Pipeline:
         return the generator that runs them."""
         params = gen.sampling_params(self.stop_token_ids)
         params.validate()
-        options = {"image_max_patch_num": gen.image_max_patch_num}  # the request's image options, for the family
+        options = gen.image_options()  # the request's image options, for the family
         prepared = [self._prepare(prompt, imgs, options) for prompt, imgs in requests]
         return self._generate(prepared, params, gen)
 

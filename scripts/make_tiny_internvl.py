@@ -676,9 +676,10 @@ Thank you for the question. Here is the answer: the object on the left is a bott
 
 
 def special_tokens(kind: str) -> dict[str, int]:
-    """Special/added token -> id, exactly as in the real checkpoints."""
-    if kind == "qwen2":
-        names = QWEN2_SPECIALS + INTERNVL_SPECIALS
+    """Special/added token -> id, exactly as in the real checkpoints ("qwen2_vl": a Qwen2-VL /
+    Qwen2.5-VL tokenizer, the Qwen2 specials without InternVL's)."""
+    if kind in ("qwen2", "qwen2_vl"):
+        names = QWEN2_SPECIALS + (INTERNVL_SPECIALS if kind == "qwen2" else [])
         return {tok: 151643 + i for i, tok in enumerate(names)}
     names = INTERNLM2_SPECIALS + INTERNVL_SPECIALS
     return {"<unk>": 0, "<s>": 1, "</s>": 2, **{tok: 92538 + i for i, tok in enumerate(names)}}
@@ -774,7 +775,7 @@ def build_tokenizer(kind: str, vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen2_vl"):
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:  # InternLM2 prepends <s>; add_special_tokens=False skips it.
         tok.post_processor = processors.TemplateProcessing(
@@ -805,7 +806,7 @@ CHAT_TEMPLATE = (
 
 
 def _special_roles(kind: str) -> dict[str, str | None]:
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen2_vl"):
         return {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None}
     return {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "unk_token": "<unk>"}
 

@@ -21,6 +21,15 @@ def _load_generator():
     return mod
 
 
+def _load_all_families_generator():
+    _load_generator()  # the InternVL writer, which make_tiny_checkpoint builds on
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_tiny_checkpoint"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint():
     return _load_generator().make_checkpoint
@@ -37,6 +46,25 @@ def checkpoints(tmp_path_factory, make_checkpoint):
         if key not in made:
             out = base / "-".join(str(k) for k in key[:4]) / str(len(made))
             make_checkpoint(str(out), layout=layout, llm=llm, size="tiny", seed=seed, dtype="float32", vit=vit, **kw)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoints(tmp_path_factory):
+    """Lazily-built tiny Qwen2-VL / Qwen2.5-VL checkpoints keyed by (family, key_style, seed,
+    other make_qwen_vl keywords)."""
+    made: dict[tuple, Path] = {}
+    base = tmp_path_factory.mktemp("qwen_ckpt")
+    make = _load_all_families_generator().make_qwen_vl
+
+    def get(family: str = "qwen2_vl", key_style: str = "legacy", seed: int = 0, **kw) -> Path:
+        key = (family, key_style, seed, tuple(sorted(kw.items())))
+        if key not in made:
+            out = base / f"{family}-{key_style}-{seed}" / str(len(made))
+            make(str(out), family=family, key_style=key_style, seed=seed, dtype="float32", **kw)
             made[key] = out
         return made[key]
 

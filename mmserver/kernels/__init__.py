@@ -38,6 +38,8 @@ __all__ = [
     "decode_attention",
     "silu_and_mul",
     "vit_attention",
+    "varlen_attention",
+    "mrope_cos_sin",
     "kernel_module",
     "use_triton",
 ]
@@ -165,6 +167,22 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """Non-causal softmax(q k^T * scale) v over [N, heads, S, D]."""
     impl = kernel_module("vit_attention") if use_triton(q) else reference
     return impl.vit_attention(q, k, v, scale)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float) -> torch.Tensor:
+    """Non-causal attention within each segment of packed [N, heads, D] rows (cu_seqlens [S + 1]
+    int32 offsets; max_seqlen: the longest segment): a list of variable-size images in one call."""
+    impl = kernel_module("varlen_attention") if use_triton(q) else reference
+    return impl.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  section: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE: per-token cos/sin [T, D/2] gathered from the [max_pos, D/2] tables, frequency
+    block j at position row j of positions [P, T] (one gather per forward, shared by every
+    layer's `rope_and_write_kv`, which then reads row t for token t)."""
+    return reference.mrope_cos_sin(positions, cos, sin, section)
 
 
 _DISPATCHERS = {name: globals()[name] for name in __all__}

@@ -20,6 +20,8 @@ __all__ = [
     "decode_attention",
     "silu_and_mul",
     "vit_attention",
+    "varlen_attention",
+    "mrope_cos_sin",
 ]
 
 
@@ -198,3 +200,32 @@ def vit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """Full (non-causal) attention over [N, heads, S, D] in float32."""
     o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
     return o.to(q.dtype)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float) -> torch.Tensor:
+    """Full (non-causal) attention within each segment of a packed sequence: q, k, v [N, heads, D],
+    segment s = rows cu_seqlens[s]..cu_seqlens[s+1]-1; float32 math, output in q's dtype."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi == lo:
+            continue
+        o = F.scaled_dot_product_attention(q[lo:hi].float().transpose(0, 1), k[lo:hi].float().transpose(0, 1),
+                                           v[lo:hi].float().transpose(0, 1), scale=scale)
+        out[lo:hi] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  section: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token M-RoPE tables [T, D/2] from positions [P, T] (P = len(section)): rotary
+    frequency i uses position row r for the i-th frequencies of `section` (Qwen2-VL: 16 t, 24 h,
+    24 w), i.e. out[t, i] = cos[positions[row(i), t], i]; bit-identical to transformers'
+    recomposed M-RoPE cos/sin since the tables are."""
+    half = cos.shape[1]
+    rows = torch.repeat_interleave(torch.arange(len(section), device=positions.device),
+                                   torch.tensor(section, device=positions.device), output_size=half)
+    idx = positions[rows].T  # [T, D/2]: the position each frequency of each token uses
+    cols = torch.arange(half, device=positions.device)
+    return cos[idx, cols], sin[idx, cols]

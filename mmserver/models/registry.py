@@ -18,6 +18,7 @@ import torch
 from .errors import ConfigError
 from .family import LoadedModel, ModelFamily
 from .internvl.family import InternVLFamily
+from .qwen2_vl.family import QwenVLFamily
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Entry:
 
 FAMILIES: tuple[Entry, ...] = (
     Entry(InternVLFamily, ("InternVLChatModel", "InternVLForConditionalGeneration"), ("internvl_chat", "internvl")),
+    Entry(QwenVLFamily, ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",)),
+    Entry(QwenVLFamily, ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",)),
 )
 
 

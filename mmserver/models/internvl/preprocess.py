@@ -15,15 +15,13 @@ Only PIL, numpy and torch are used (no torchvision).
 from __future__ import annotations
 
 import functools
-import io
-import os
-from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import ImageError
+from ..image_io import ImageSource, load_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -43,95 +41,6 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-ImageSource = Union[Image.Image, str, "os.PathLike[str]", bytes, bytearray, memoryview]
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _check_pixels(width: int, height: int, index: int) -> None:
-    """Reject empty images and decompression bombs with a readable message."""
-    if width <= 0 or height <= 0:
-        raise ImageError(index, f"image has zero size ({width}x{height})")
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and width * height > limit:
-        raise ImageError(
-            index, f"image is too large ({width}x{height} = {width * height} pixels, "
-            f"limit {limit}); refusing to decode (possible decompression bomb)"
-        )
-
-
-def _open_and_load(fp: io.BytesIO | str, what: str, index: int) -> Image.Image:
-    """Open, fully decode and RGB-convert an encoded image, mapping every failure to ImageError."""
-    try:
-        # Image.open only parses the header.  PIL raises DecompressionBombError above
-        # 2x MAX_IMAGE_PIXELS but merely *warns* between 1x and 2x; _check_pixels turns
-        # that band into an error too, before any pixel is decoded.  (No
-        # warnings.catch_warnings() here: it mutates process-global state and is not
-        # thread-safe, and decoding may run in a thread pool.)
-        with Image.open(fp) as im:
-            _check_pixels(im.width, im.height, index)
-            im.load()  # decode now so truncated/corrupt data fails here, not mid-batch
-            return im.convert("RGB")
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(index, f"image is too large, possible decompression bomb ({e})") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(index, f"cannot decode {what} as an image (cannot identify image file)") from e
-    except FileNotFoundError as e:
-        raise ImageError(index, f"file not found: {fp!s}") from e
-    except IsADirectoryError as e:
-        raise ImageError(index, f"path is a directory, not an image file: {fp!s}") from e
-    except PermissionError as e:
-        raise ImageError(index, f"permission denied reading {fp!s}") from e
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        # PIL reports truncated/corrupt payloads as OSError ("image file is truncated"),
-        # and some plugins raise ValueError/SyntaxError/EOFError on malformed headers.
-        raise ImageError(index, f"cannot decode {what} as an image ({e})") from e
-
-
-def load_image(src: ImageSource, index: int = 0) -> Image.Image:
-    """Load an image from a PIL image, a filesystem path, or raw encoded bytes, as RGB.
-
-    Alpha is dropped with a plain ``convert('RGB')`` (no compositing on white), exactly
-    like the reference InternVL loader, so pixel values match what the model saw in training.
-
-    ``index`` is only used in error messages ("image {index}: ...") so a client sending
-    several images can tell which one was bad.
-
-    Raises:
-        ImageError: missing file, undecodable/truncated data, zero-size image,
-            decompression bomb, or an unsupported ``src`` type.
-    """
-    if isinstance(src, Image.Image):
-        if src.width <= 0 or src.height <= 0:
-            raise ImageError(index, f"image has zero size ({src.width}x{src.height})")
-        try:
-            src.load()  # a lazily opened PIL image may still be truncated on disk
-            return src if src.mode == "RGB" else src.convert("RGB")
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(index, f"cannot decode image data ({e})") from e
-
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
-        if not data:
-            raise ImageError(index, "cannot decode bytes as an image (empty data)")
-        return _open_and_load(io.BytesIO(data), "bytes", index)
-
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if not path:
-            raise ImageError(index, "empty path")
-        return _open_and_load(path, f"file {path!r}", index)
-
-    raise ImageError(
-        index, f"unsupported image type {type(src).__name__!r} "
-        "(expected PIL.Image.Image, a filesystem path, or encoded bytes)"
-    )
 
 
 # --------------------------------------------------------------------------- tiling

@@ -13,7 +13,6 @@ transform); parts are concatenated along dim 0 in index order.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +21,11 @@ from typing import Callable
 
 import torch
 
+from ..checkpoint import WeightError, list_shards, progress_bar
 from ..llm.config import LLMConfig
 from .config import InternVLConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class WeightError(ValueError):
-    """A checkpoint whose tensors are missing, mis-shaped or unreadable."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,24 +195,6 @@ def expected_shapes(cfg: InternVLConfig) -> dict[str, tuple[int, ...]]:
 # Loading
 
 
-def list_shards(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [n for n in files if not (model_dir / n).is_file()]
-        if missing:
-            raise WeightError(f"weight shard(s) listed in {index.name} are missing: {', '.join(missing)}")
-        return [model_dir / n for n in files]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise WeightError(f"{model_dir} has no *.safetensors weight files")
-    return files
-
-
 def _read_shard(path: Path, cfg: InternVLConfig, device: str, prefixes: tuple[str, ...]) -> dict[str, list]:
     from safetensors import safe_open
 
@@ -252,7 +230,7 @@ def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str 
     shards = list_shards(model_dir)
     workers = max(1, workers)
     collected: dict[str, list] = {}
-    bar = _progress(len(shards), "loading weights", progress)
+    bar = progress_bar(len(shards), "loading weights", progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for parts in pool.map(lambda p: _read_shard(p, cfg, device, prefixes), shards):
             for name, items in parts.items():
@@ -276,18 +254,3 @@ def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str 
             raise WeightError(f"tensor {sources} has shape {tuple(tensor.shape)}, expected {shape}")
         weights[name] = tensor.to(dtype=dtype).contiguous()
     return weights
-
-
-class _NullBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NullBar()
-    return tqdm(total=total, desc=desc, unit="shard", leave=False)

@@ -28,6 +28,9 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # M-RoPE (Qwen2-VL): rotary frequencies per position row (t, h, w), summing to head_dim / 2;
+    # () for plain RoPE
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.head_dim:

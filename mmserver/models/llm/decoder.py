@@ -80,9 +80,7 @@ class DecoderLM:
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
         """Returns float32 logits [R, vocab] for `batch.logit_rows`."""
         c, w = self.cfg, self.w
-        if batch.rope_positions.shape[0] != 1:
-            raise NotImplementedError("multi-section (M-RoPE) positions need a multi-section rope kernel")
-        positions = batch.rope_positions[0]
+        positions, cos, sin = self._rope_tables(batch.rope_positions)
         h = kernels.embedding(batch.input_ids, w["llm.embed.weight"], batch.image_rows, batch.image_index)
         residual = None
         for i in range(c.num_layers):
@@ -91,7 +89,7 @@ class DecoderLM:
                 x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps), h
             else:
                 x, residual = kernels.rms_norm(h, w[p + "norm1.weight"], c.rms_norm_eps, residual=residual)
-            h = self._attention(x, i, batch, positions, kv_pool[i], token_table)
+            h = self._attention(x, i, batch, positions, cos, sin, kv_pool[i], token_table)
             x, residual = kernels.rms_norm(h, w[p + "norm2.weight"], c.rms_norm_eps, residual=residual)
             h = F.linear(kernels.silu_and_mul(F.linear(x, w[p + "gate_up.weight"])), w[p + "down.weight"])
             if self.tp:
@@ -102,8 +100,22 @@ class DecoderLM:
         x, _ = kernels.rms_norm(h, w["llm.norm.weight"], c.rms_norm_eps, residual=residual)
         return F.linear(x, w["llm.lm_head.weight"]).float()
 
-    def _attention(self, x: torch.Tensor, i: int, b: ForwardBatch, positions: torch.Tensor, kv: torch.Tensor,
-                   token_table: torch.Tensor) -> torch.Tensor:
+    def _rope_tables(self, rope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions [T], cos, sin) for `rope_and_write_kv`: the model's tables at the positions of
+        row 0 for plain RoPE (P = 1); for M-RoPE (P = len(mrope_section)) each token's own row of
+        per-token tables, gathered once per forward for every layer (frequency block j rotates
+        with position row j: t, h, w)."""
+        section = self.cfg.mrope_section
+        if rope_positions.shape[0] == 1:
+            return rope_positions[0], self.cos, self.sin
+        if len(section) != rope_positions.shape[0]:
+            raise ValueError(f"{rope_positions.shape[0]} rows of RoPE positions, but the model's mrope_section is "
+                             f"{list(section)}")
+        cos, sin = kernels.mrope_cos_sin(rope_positions, self.cos, self.sin, section)
+        return torch.arange(rope_positions.shape[1], device=rope_positions.device), cos, sin
+
+    def _attention(self, x: torch.Tensor, i: int, b: ForwardBatch, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, kv: torch.Tensor, token_table: torch.Tensor) -> torch.Tensor:
         c, w = self.cfg, self.w
         p = f"llm.layers.{i}."
         t = x.shape[0]
@@ -112,7 +124,7 @@ class DecoderLM:
         q = q.reshape(t, self.num_heads, c.head_dim)
         k = k.reshape(t, self.num_kv_heads, c.head_dim)
         v = v.reshape(t, self.num_kv_heads, c.head_dim)
-        kernels.rope_and_write_kv(q, k, v, kv, positions, b.slots, self.cos, self.sin)  # k: read from kv only
+        kernels.rope_and_write_kv(q, k, v, kv, positions, b.slots, cos, sin)  # k: read from kv only
         if b.is_decode:
             o = kernels.decode_attention(q, kv, token_table, b.req_rows, b.seq_lens, self.scale, b.max_seq_len)
         else:
