@@ -45,6 +45,9 @@ class ServeRequest:
     images: list[ImageRef] = field(default_factory=list)
     # (start, length) of each image's tokens, from the family's prompt expansion
     image_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Each image's content identity for the KV prefix cache: its embedding-cache key
+    # (md5:<options>), or a digest of precomputed embeddings; full width, never truncated
+    image_keys: list[str] = field(default_factory=list)
     # time.monotonic() stamps, one clock for every process on the host: the TTFT breakdown of /metrics
     t_arrival: float = 0.0  # the HTTP handler started on this request
     t_sent: float = 0.0  # handed to the next process (HTTP → visual or router, visual → router)
@@ -76,6 +79,7 @@ class Token:
     token_id: int
     logprob: float
     finish_reason: str | None = None  # "stop" (a stop id) | "length"
+    prompt_cache_len: int | None = None  # on a request's first token: prompt tokens reused from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -100,6 +104,7 @@ class _TokenLike(Protocol):  # Token, or the engine's StepOutput
     token_id: int
     logprob: float
     finish_reason: str | None
+    prompt_cache_len: int | None
 
 
 @dataclass
@@ -111,19 +116,22 @@ class Outputs:
     token_ids: list[int]
     logprobs: list[float]
     finish_reasons: dict[int, str]  # req id → reason, for the requests this step ended
+    # req id → prompt tokens reused from the prefix cache, for the requests this step started
+    prompt_cache_lens: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, tokens: Sequence[_TokenLike]) -> Outputs:
         return cls([t.req_id for t in tokens], [t.token_id for t in tokens], [t.logprob for t in tokens],
-                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None})
+                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None},
+                   {t.req_id: t.prompt_cache_len for t in tokens if t.prompt_cache_len is not None})
 
     def __len__(self) -> int:
         return len(self.req_ids)
 
     def __iter__(self) -> Iterator[Token]:
-        reasons = self.finish_reasons
+        reasons, cached = self.finish_reasons, self.prompt_cache_lens
         for rid, tok, lp in zip(self.req_ids, self.token_ids, self.logprobs):
-            yield Token(rid, tok, lp, reasons.get(rid))
+            yield Token(rid, tok, lp, reasons.get(rid), cached.get(rid))
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,6 +146,10 @@ class RouterStats:
     running: int = 0
     ttft_router_s: float = 0.0  # arrival here → first token, summed over requests
     ttft_router_n: int = 0
+    # KV prefix cache
+    prompt_cache_hit_tokens: int = 0  # prompt tokens served from the cache, summed over admitted requests
+    prompt_cache_tokens: int = 0  # tokens (KV slots) the cache holds now
+    prompt_cache_evicted_tokens: int = 0
 
 
 @dataclass

@@ -311,3 +311,13 @@ def test_pipeline_chat_reuses_the_history(ckpt):
         # the re-rendered history matches at least the previous prompt (the answer is re-tokenized
         # from its text, so its ids may differ)
         assert prev.prompt_tokens - 1 <= cur.prompt_cache_len < cur.prompt_tokens
+
+
+def test_embeds_digest_is_a_full_width_content_key():
+    import torch
+
+    from mmserver.frontend.embeds import digest
+
+    a = torch.arange(12, dtype=torch.float32).view(3, 4)
+    assert digest(a) == digest(a.clone()) and len(digest(a)) == 64
+    assert digest(a) != digest(a + 1e-6) != digest(a.view(4, 3)) != digest(a.to(torch.bfloat16))

@@ -33,6 +33,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     full_text: str | None = None
+    prompt_cache_len: int = 0  # prompt tokens whose KV the router reused from its prefix cache
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Streams:
             self.counters.prompt_tokens += len(req.input_ids)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special, req.params.stop_sequences,
                                            prompt_ids=req.input_ids)
-            count = 0
+            count = cached = 0
             while True:
                 item: Token | Failure = await q.get()
                 if isinstance(item, Failure):
@@ -113,6 +114,8 @@ class Streams:
                     raise _ERRORS[item.kind](item.message)
                 tok, logprob, done, reason = item.token_id, item.logprob, item.finished, item.finish_reason
                 count += 1
+                if item.prompt_cache_len is not None:
+                    cached = item.prompt_cache_len
                 if count == 1:
                     self.counters.stage("total", time.monotonic() - req.t_arrival)
                 self.counters.generated_tokens += 1
@@ -124,9 +127,10 @@ class Streams:
                     finished = True
                     if not detok.stopped:
                         text += detok.flush()
-                    yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, True, reason, detok.text)
+                    yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, True, reason, detok.text,
+                                     prompt_cache_len=cached)
                     return
-                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count)
+                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, prompt_cache_len=cached)
         finally:
             self.queues.pop(req.req_id, None)
             if not finished:  # client gone or error: stop the work and free its KV slots

@@ -191,17 +191,20 @@ async def _complete(state: AppState, events, done: _Chat, subs: list[Submission]
                 "logprobs": None, "finish_reason": finish_reason(last[i].finish_reason)} for i in range(len(subs))]
     return web.json_response({"id": done.id, "object": "chat.completion", "created": done.created,
                               "model": done.model, "choices": choices,
-                              "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()))})
+                              "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()),
+                                             max(ev.prompt_cache_len for ev in last.values()))})
 
 
 async def _stream(request: web.Request, state: AppState, events, done: _Chat, n: int) -> web.StreamResponse:
     counts = [0] * n
+    cached = [0] * n
 
     def start() -> list[dict]:
         return [done.chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
 
     def on_event(i: int, ev: TokenEvent) -> list[dict]:
         counts[i] = ev.count
+        cached[i] = ev.prompt_cache_len
         if ev.finished:  # the last text rides with the finish reason; content is always a string
             return [done.chunk(i, {"content": ev.text}, finish_reason(ev.finish_reason))]
         return [done.chunk(i, {"content": ev.text})] if ev.text else []
@@ -210,7 +213,7 @@ async def _stream(request: web.Request, state: AppState, events, done: _Chat, n:
         if not done.include_usage:
             return []
         return [{"id": done.id, "object": "chat.completion.chunk", "created": done.created, "model": done.model,
-                 "choices": [], "usage": usage(done.prompt_tokens, sum(counts))}]
+                 "choices": [], "usage": usage(done.prompt_tokens, sum(counts), max(cached))}]
 
     return await stream_sse(request, state, events, start, on_event, end)
 
