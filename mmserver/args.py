@@ -43,6 +43,7 @@ class ServerArgs:
     max_n: int = 8
     api_key: str | None = None  # --api_key, else MMSERVER_API_KEY
     overlap_schedule: str = "auto"
+    disable_dynamic_prompt_cache: bool = False
     log_level: str = "info"
     min_pixels: int | None = None  # Qwen2-VL's image pixel range (MIN_PIXELS / MAX_PIXELS for the family)
     max_pixels: int | None = None
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(default: the MMSERVER_API_KEY environment variable, which keeps the key out of the process list)")
     a("--overlap_schedule", choices=["auto", "on", "off"], default="auto",
       help="build step N+1 on the host while the device runs step N (auto: on with CUDA)")
+    a("--disable_dynamic_prompt_cache", action="store_true",
+      help="do not keep finished requests' KV to reuse for prompts that start the same way (the prefix "
+           "cache, keyed by token ids and image content; on by default)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     a("--min_pixels", type=int, default=None,
       help="Qwen2-VL: the server's image pixel range, low end (default: preprocessor_config.json); requests may "

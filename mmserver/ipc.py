@@ -45,6 +45,9 @@ class ServeRequest:
     images: list[ImageRef] = field(default_factory=list)
     # (start, length) of each image's tokens, from the family's prompt expansion
     image_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Each image's content identity for the KV prefix cache: its embedding-cache key
+    # (md5:<options>), or a digest of precomputed embeddings; full width, never truncated
+    image_keys: list[str] = field(default_factory=list)
     # time.monotonic() stamps, one clock for every process on the host: the TTFT breakdown of /metrics
     t_arrival: float = 0.0  # the HTTP handler started on this request
     t_sent: float = 0.0  # handed to the next process (HTTP → visual or router, visual → router)
@@ -77,6 +80,7 @@ class Token:
     logprob: float
     finish_reason: str | None = None  # "stop" (a stop id or a finished grammar) | "length" | "error"
     top: list[tuple[int, float]] | None = None  # top_logprobs alternatives (id, logprob), best first
+    prompt_cache_len: int | None = None  # on a request's first token: prompt tokens reused from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -102,6 +106,7 @@ class _TokenLike(Protocol):  # Token, or the engine's StepOutput
     logprob: float
     finish_reason: str | None
     top: list[tuple[int, float]] | None
+    prompt_cache_len: int | None
 
 
 @dataclass
@@ -116,20 +121,23 @@ class Outputs:
     # Sparse column: position in this message → that token's top_logprobs alternatives, only for
     # the tokens of requests that asked for them (None when none did).
     tops: dict[int, list[tuple[int, float]]] | None = None
+    # req id → prompt tokens reused from the prefix cache, for the requests this step started
+    prompt_cache_lens: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, tokens: Sequence[_TokenLike]) -> Outputs:
         tops = {i: t.top for i, t in enumerate(tokens) if t.top is not None} or None
         return cls([t.req_id for t in tokens], [t.token_id for t in tokens], [t.logprob for t in tokens],
-                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None}, tops)
+                   {t.req_id: t.finish_reason for t in tokens if t.finish_reason is not None}, tops,
+                   {t.req_id: t.prompt_cache_len for t in tokens if t.prompt_cache_len is not None})
 
     def __len__(self) -> int:
         return len(self.req_ids)
 
     def __iter__(self) -> Iterator[Token]:
-        reasons, tops = self.finish_reasons, self.tops
+        reasons, tops, cached = self.finish_reasons, self.tops, self.prompt_cache_lens
         for i, (rid, tok, lp) in enumerate(zip(self.req_ids, self.token_ids, self.logprobs)):
-            yield Token(rid, tok, lp, reasons.get(rid), tops.get(i) if tops else None)
+            yield Token(rid, tok, lp, reasons.get(rid), tops.get(i) if tops else None, cached.get(rid))
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,6 +152,10 @@ class RouterStats:
     running: int = 0
     ttft_router_s: float = 0.0  # arrival here → first token, summed over requests
     ttft_router_n: int = 0
+    # KV prefix cache
+    prompt_cache_hit_tokens: int = 0  # prompt tokens served from the cache, summed over admitted requests
+    prompt_cache_tokens: int = 0  # tokens (KV slots) the cache holds now
+    prompt_cache_evicted_tokens: int = 0
 
 
 @dataclass

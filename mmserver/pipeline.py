@@ -101,6 +101,7 @@ class Response:
     logprobs: list[float] | None = None
     index: int = 0  # which input of a batch
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, with GenerationConfig.top_logprobs
+    prompt_cache_len: int = 0  # prompt tokens whose KV came from the prefix cache (LightLLM's name)
 
     @property
     def generate_token_len(self) -> int:  # LMDeploy's name
@@ -123,6 +124,7 @@ class StreamResponse:
     generated_tokens: int  # so far, this step included
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_cache_len: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -154,6 +156,7 @@ class _Visual:
     n_tokens: int
     input: VisionInput | None = None  # an image, as its family's encoder takes it; encoded before it runs
     embeds: torch.Tensor | None = None  # [n_tokens, hidden] given by the caller
+    key: str = ""  # content identity for the prefix cache: a digest of what the encoder (or the LLM) gets
 
 
 @dataclass
@@ -283,12 +286,13 @@ class Pipeline:
         if embeds_io.is_tensor(img.source):
             rows = embeds_io.check(embeds_io.as_torch(img.source, index), index, self.family.embeds_row_multiple,
                                    self.cfg.llm.hidden_size, self.dtype)
-            return _Visual(rows.shape[0], embeds=rows)
+            return _Visual(rows.shape[0], embeds=rows, key=f"embeds:{embeds_io.digest(rows)}")
         options = self.family.image_options(request_options, img.options)
         # Normalised on the host, as the reference processor does (the server's workers ship
         # the compact form instead; the encoder gives the same rows for both).
         x = self.family.preprocess(self._fetch(img.source, index), options, index, normalize=True)
-        return _Visual(x.n_tokens, input=x)
+        # Keyed on the preprocessed pixels (any source, PIL images included) and the options.
+        return _Visual(x.n_tokens, input=x, key=f"pixels:{embeds_io.digest(x.pixels)}:{x.grid}:{options}")
 
     def _fetch(self, source: Any, index: int) -> Any:
         """The bytes of an http(s) or data: URL; any other source as it is."""
@@ -321,7 +325,8 @@ class Pipeline:
             embeds = self._encode_all([v for p in prepared for v in p.visuals])
             for index, p in enumerate(prepared):
                 rows = [embeds.pop(0) for _ in p.visuals]
-                rid = self.engine.add_request(p.ids, _copy_params(params), **self.image_inputs(p.ids, rows, p.spans),
+                rid = self.engine.add_request(p.ids, _copy_params(params),
+                                              **self.image_inputs(p.ids, rows, p.spans, [v.key for v in p.visuals]),
                                               **self.family.rope_inputs(p.ids, p.spans,
                                                                         [v.input.grid if v.input else ()
                                                                          for v in p.visuals]))
@@ -343,14 +348,17 @@ class Pipeline:
         feats = iter(self.model.vision.encode_images(inputs) if inputs else [])
         return [v.embeds.to(self.device) if v.embeds is not None else next(feats) for v in visuals]
 
-    def image_inputs(self, ids: list[int], rows: list[torch.Tensor],
-                     spans: Sequence[Span] | None = None) -> dict[str, Any]:
+    def image_inputs(self, ids: list[int], rows: list[torch.Tensor], spans: Sequence[Span] | None = None,
+                     keys: Sequence[str] | None = None) -> dict[str, Any]:
         """`Engine.add_request` keywords for a prompt and its images' embedding rows, in order;
-        `spans` from the prompt's expansion (without them the prompt is expanded again)."""
+        `spans` from the prompt's expansion (without them the prompt is expanded again);
+        `keys` the images' content identities for the prefix cache (without them, an image
+        shares no KV)."""
         if not rows:
             return {}
-        return {"image_embeds": torch.cat(rows),
-                "image_spans": list(spans if spans is not None else self.family.find_spans(ids))}
+        out = {"image_embeds": torch.cat(rows),
+               "image_spans": list(spans if spans is not None else self.family.find_spans(ids))}
+        return out if keys is None else {**out, "image_keys": list(keys)}
 
     def encode(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Embedding rows of each image's input (as `prepare` returns them)."""
@@ -359,6 +367,8 @@ class Pipeline:
     def _advance(self, live: dict[int, _Live], out: StepOutput, want_logprobs: bool) -> StreamResponse:
         st = live[out.req_id]
         st.count += 1
+        if out.prompt_cache_len is not None:
+            st.prompt_cache_len = out.prompt_cache_len
         text = st.detok.push(out.token_id)
         reason = None
         if st.detok.stopped and not out.finished:  # a stop string: the engine cannot see those
@@ -371,7 +381,8 @@ class Pipeline:
                 text += st.detok.flush()
             del live[out.req_id]
         return StreamResponse(text, [out.token_id], reason, st.index, st.prompt_tokens, st.count,
-                              [out.logprob] if want_logprobs else None, [out.top] if out.top is not None else None)
+                              [out.logprob] if want_logprobs else None, [out.top] if out.top is not None else None,
+                              st.prompt_cache_len)
 
     def _collect(self, stream: Iterator[StreamResponse], gen: GenerationConfig,
                  progress_total: int | None = None) -> list[Response]:
@@ -384,6 +395,7 @@ class Pipeline:
                 r = results.setdefault(out.index, Response("", [], None, out.prompt_tokens,
                                                            [] if gen.logprobs else None, out.index,
                                                            [] if gen.top_logprobs else None))
+                r.prompt_cache_len = out.prompt_cache_len
                 r.text += out.text
                 r.token_ids += out.token_ids
                 if r.logprobs is not None:
@@ -402,6 +414,7 @@ class _Live:
     prompt_tokens: int
     detok: IncrementalDetokenizer
     count: int = 0
+    prompt_cache_len: int = 0
 
 
 def _is_batch(inputs: Any) -> bool:

@@ -16,6 +16,11 @@ gives the same bytes:
 | W1   | 448x448 (1 tile)  | one distinct image per request    | question padded to ~N words       |
 | W2   | 1280x720 (9 tiles)| one distinct image per request    | question padded to ~N words       |
 | W3   | 448x448 (1 tile)  | pool of 8, request i uses i % 8   | prior user/assistant turn + follow-up |
+| W4   | 448x448 (1 tile)  | sessions: 2 distinct in turn 1, 1 more in turn 3 | multi-turn chat, full history re-sent |
+
+W4 is built as sessions (`build_sessions`), not requests: each turn's prompt is the whole
+conversation so far with the answers the server actually gave, so the client builds it as the
+session runs (`benchmark_serving.py`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ FILLER_WORDS = (
     "background foreground area part side edge centre view"
 ).split()
 # Distinct seed streams so workloads / warmup never share images by accident.
-_WORKLOAD_TAGS = {"W1": 1, "W2": 2, "W3": 3}
+_WORKLOAD_TAGS = {"W1": 1, "W2": 2, "W3": 3, "W4": 4}
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,59 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "W2": WorkloadSpec("W2", "one distinct 1280x720 image per request (9 tiles)", (1280, 720), None, False),
     "W3": WorkloadSpec("W3", "pool of 8 448x448 images reused (cache hits), multi-turn prompt",
                        (448, 448), 8, True),
+    "W4": WorkloadSpec("W4", "multi-turn sessions re-sending their history (KV prefix cache), images in turns 1 "
+                       "and 3", (448, 448), None, True),
 }  # fmt: skip
+SESSION_QUESTIONS = (
+    "Compare these two pictures. What do they have in common?",
+    "Which of them is brighter, and why do you think so?",
+    "Here is one more picture. How does it differ from the first two?",
+    "Summarise everything we discussed in one sentence.",
+)
+
+
+@dataclass
+class BenchSession:
+    """One W4 conversation: per turn, the user's text (with IMAGE_PLACEHOLDERs) and its images."""
+
+    index: int
+    questions: list[str]
+    images: list[list[bytes]]
+    image_ids: list[list[int]]
+
+    def prompt(self, answers: Sequence[str]) -> tuple[str, list[bytes]]:
+        """Turn len(answers)'s prompt (the history with these answers) and every image so far."""
+        t = len(answers)
+        text = chat_prompt(list(zip(self.questions[:t], answers)) + [(self.questions[t], None)])
+        return text, [png for turn in self.images[:t + 1] for png in turn]
+
+
+def build_sessions(num_sessions: int, turns: int, seed: int = 0, prompt_tokens: int = 30,
+                   progress: bool = True) -> list[BenchSession]:
+    """W4: `num_sessions` conversations of `turns` turns; two distinct images in turn 1 and one
+    more in turn 3 (if there is one); deterministic in `seed`."""
+    width, height = WORKLOADS["W4"].image_size
+    tag = _WORKLOAD_TAGS["W4"]
+    with_image = [t for t in (0, 0, 2) if t < turns]
+    ids = [[s * 3 + k for k, t in enumerate(with_image) if t == turn] for s in range(num_sessions)
+           for turn in range(turns)]
+    unique = sorted({i for turn in ids for i in turn})
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        it: Iterable[bytes] = pool.map(lambda i: encode_png(make_image(width, height, (seed, tag, i))), unique)
+        if progress:
+            it = tqdm(it, total=len(unique), desc="W4 images", unit="img", file=sys.stderr)
+        pngs = dict(zip(unique, it))
+    sessions = []
+    for s in range(num_sessions):
+        rng = np.random.default_rng((seed, tag, 1_000_000 + s))
+        turn_ids = ids[s * turns:(s + 1) * turns]
+        questions = []
+        for t in range(turns):
+            base = SESSION_QUESTIONS[t % len(SESSION_QUESTIONS)]
+            pad = " ".join(rng.choice(FILLER_WORDS, max(0, prompt_tokens - len(base.split()))))
+            questions.append("".join(f"{IMAGE_PLACEHOLDER}\n" for _ in turn_ids[t]) + f"{base} {pad}".strip())
+        sessions.append(BenchSession(s, questions, [[pngs[i] for i in t] for t in turn_ids], turn_ids))
+    return sessions
 
 
 @dataclass
@@ -156,8 +213,9 @@ def build_workload(
     name: str, num_requests: int, seed: int = 0, prompt_tokens: int = 30, progress: bool = True
 ) -> list[BenchRequest]:
     """``num_requests`` requests of workload ``name``; deterministic in ``seed``."""
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    if name not in WORKLOADS or name == "W4":
+        raise ValueError(f"unknown request workload {name!r}; choose from {sorted(set(WORKLOADS) - {'W4'})} "
+                         "(W4 is built by build_sessions)")
     spec = WORKLOADS[name]
     width, height = spec.image_size
     tag = _WORKLOAD_TAGS[name]

@@ -16,6 +16,11 @@ Example::
 
     python scripts/benchmark_serving.py --url http://127.0.0.1:8000 --workload W1 \\
         --num-requests 256 --concurrency 64 --output-len 128 --json w1.json
+
+W4 (multi-turn sessions, for the KV prefix cache): ``--num-requests`` is the number of sessions,
+``--concurrency`` the sessions in flight, ``--turns`` their turns; each turn re-sends the whole
+conversation with the answers the server gave (its final ``generated_text``). It also reports
+TTFT per turn and the fraction of prompt tokens served from the cache (``prompt_cache_len``).
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ class RequestResult:
     output_tokens: int = 0
     finish_reason: str | None = None
     prompt_tokens: int | None = None
+    prompt_cache_len: int | None = None  # from the final event (a server with a prefix cache)
+    generated_text: str | None = None
+    session: int | None = None  # W4
+    turn: int | None = None
 
 
 # ----------------------------------------------------------------------- payloads
@@ -134,6 +143,8 @@ async def send_request(session: aiohttp.ClientSession, url: str, index: int, bod
                 if event.get("finished"):
                     finished, end = True, time.perf_counter()
                     res.finish_reason = event.get("finish_reason")
+                    res.prompt_cache_len = event.get("prompt_cache_len")
+                    res.generated_text = event.get("generated_text")
                     break
             if finished:
                 await drain(resp)
@@ -184,6 +195,56 @@ async def run_requests(
     return [r for r in results if r is not None], duration
 
 
+async def run_sessions(url: str, sessions: list[bw.BenchSession], output_len: int, concurrency: int,
+                       timeout_s: float) -> tuple[list[RequestResult], float]:
+    """W4: ``concurrency`` workers, each running whole sessions turn by turn (a turn is sent once
+    the previous one has answered). A failed turn ends its session."""
+    results: list[RequestResult] = []
+    next_session = iter(sessions)
+    bar = tqdm(total=sum(len(s.questions) for s in sessions), desc="W4", unit="turn", file=sys.stderr)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for s in next_session:
+            answers: list[str] = []
+            for t in range(len(s.questions)):
+                prompt, images = s.prompt(answers)
+                body = json.dumps({"inputs": prompt,
+                                   "parameters": {"max_new_tokens": output_len, "do_sample": False, "ignore_eos": True},
+                                   "multimodal_params": {"images": [
+                                       {"type": "base64", "data": base64.b64encode(png).decode("ascii")}
+                                       for png in images]}}).encode()
+                res = await send_request(session, url, len(results), body)
+                res.session, res.turn = s.index, t
+                results.append(res)
+                bar.update(1)
+                if not res.ok:
+                    break
+                answers.append(res.generated_text or "")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout,
+                                     read_bufsize=2**20) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, len(sessions)))))
+        duration = time.perf_counter() - start
+    bar.close()
+    return results, duration
+
+
+def summarize_sessions(results: list[RequestResult]) -> dict[str, Any]:
+    """W4's extra numbers: TTFT per turn, and prompt tokens served from the prefix cache."""
+    ok = [r for r in results if r.ok]
+    prompt = sum(r.prompt_tokens or 0 for r in ok)
+    cached = sum(r.prompt_cache_len or 0 for r in ok)
+    out: dict[str, Any] = {"prompt_tokens_total": prompt, "prompt_cache_tokens_total": cached,
+                           "prompt_tokens_computed": prompt - cached,
+                           "prompt_cache_frac": cached / prompt if prompt else None}
+    for t in sorted({r.turn for r in ok}):
+        ttft = [r.ttft_s for r in ok if r.turn == t and r.ttft_s is not None]
+        out[f"ttft_turn{t + 1}_mean_ms"] = bw.scaled(sum(ttft) / len(ttft), 1000.0) if ttft else None
+    return out
+
+
 # ----------------------------------------------------------------------- summary
 
 
@@ -221,6 +282,11 @@ def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestRes
     def trio(prefix: str, digits: int, keys: tuple[str, ...] = ("mean", "p50", "p99")) -> str:
         return " / ".join(bw.fmt(m[f"{prefix}_{k}_ms"], digits) for k in keys)
 
+    turns = sorted(k for k in m if k.startswith("ttft_turn"))
+    w4 = [("prompt tokens / from cache / computed",
+           f"{m['prompt_tokens_total']} / {m['prompt_cache_tokens_total']} / {m['prompt_tokens_computed']}"),
+          ("prompt cache fraction", bw.fmt(m["prompt_cache_frac"], 3)),
+          ("TTFT mean per turn (ms)", " / ".join(bw.fmt(m[k], 1) for k in turns))] if turns else []
     rows = [
         ("workload", f"{args.workload} ({bw.WORKLOADS[args.workload].description})"),
         ("requests / completed / errors", f"{m['requests']} / {m['completed']} / {m['errors']}"),
@@ -234,7 +300,7 @@ def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestRes
         ("TTFT mean / p50 / p99 (ms)", trio("ttft", 1)),
         ("TPOT mean / p50 / p99 (ms)", trio("tpot", 2)),
         ("latency p50 / p99 (ms)", trio("latency", 1, ("p50", "p99"))),
-    ]  # fmt: skip
+    ] + w4  # fmt: skip
     if m["errors"]:
         rows.append(("error kinds", ", ".join(f"{k}={v}" for k, v in sorted(m["error_kinds"].items()))))
     bw.print_table(rows, "serving benchmark")
@@ -247,7 +313,8 @@ def report(args: argparse.Namespace, m: dict[str, Any], results: list[RequestRes
         ("tpot_p50_ms", m["tpot_p50_ms"], 2), ("tpot_p99_ms", m["tpot_p99_ms"], 2),
         ("errors", m["errors"], 0), ("duration_s", m["duration_s"], 2),
         ("output_len", args.output_len, 0), ("len_mismatch", m["len_mismatch"], 0),
-    ])  # fmt: skip
+    ] + ([("prompt_cache_frac", m["prompt_cache_frac"], 3), ("prompt_tokens_computed", m["prompt_tokens_computed"], 0)]
+         + [(k.removesuffix("_mean_ms") + "_ms", m[k], 1) for k in turns] if turns else []))  # fmt: skip
 
 
 # -------------------------------------------------------------------------- main
@@ -259,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bw.add_workload_args(p, "--concurrency", "requests in flight at once")
     p.add_argument("--warmup", type=int, default=0, help="uncounted requests sent first (distinct images)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request socket read timeout (s)")
+    p.add_argument("--turns", type=int, default=4, help="W4: turns per session")
     args = p.parse_args(argv)
     bw.check_positive(p, args, ("num_requests", "concurrency", "output_len"))
     if args.warmup < 0:
@@ -269,6 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     url = stream_url(args.url)
+    if args.workload == "W4":
+        return main_sessions(args, url)
     requests = bw.build_workload(args.workload, args.num_requests, args.seed, args.prompt_tokens)
     bodies = build_bodies(requests, args.output_len)
     if args.warmup:
@@ -300,6 +370,24 @@ def main(argv: list[str] | None = None) -> int:
         out = {"backend": "serving", "config": config, "metrics": metrics, "result_line": line,
                "requests": [asdict(r) for r in results]}  # fmt: skip
         bw.write_report(args.json, out)
+    print(line, flush=True)
+    return 0
+
+
+def main_sessions(args: argparse.Namespace, url: str) -> int:
+    sessions = bw.build_sessions(args.num_requests, args.turns, args.seed, args.prompt_tokens)
+    if args.warmup:  # other images, and sessions of their own
+        warm = bw.build_sessions(args.warmup, args.turns, args.seed + 1_000_003, args.prompt_tokens, False)
+        asyncio.run(run_sessions(url, warm, args.output_len, args.concurrency, args.timeout))
+    results, duration = asyncio.run(run_sessions(url, sessions, args.output_len, args.concurrency, args.timeout))
+    metrics = {**summarize(results, duration, args.output_len), **summarize_sessions(results)}
+    line = report(args, metrics, results)
+    if args.json is not None:
+        config = {"url": url, "workload": "W4", "sessions": args.num_requests, "turns": args.turns,
+                  "concurrency": args.concurrency, "output_len": args.output_len, "seed": args.seed,
+                  "prompt_tokens": args.prompt_tokens, "warmup": args.warmup, **bw.run_info()}
+        bw.write_report(args.json, {"backend": "serving", "config": config, "metrics": metrics, "result_line": line,
+                                    "requests": [asdict(r) for r in results]})
     print(line, flush=True)
     return 0
 

@@ -46,6 +46,7 @@ class FakeEngine:
         self.waiting: list = []
         self.running: list = []
         self.kv = SimpleNamespace(used=0, num_slots=MAX_REQ_LEN)
+        self.prefix_cache = None
 
     def add_request(self, prompt_ids, params, *, req_id: int, **image_inputs) -> int:
         if len(prompt_ids) + params.max_new_tokens > MAX_REQ_LEN:

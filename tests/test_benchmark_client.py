@@ -287,3 +287,14 @@ def test_bench_hf_tiny_checkpoint(checkpoints, tmp_path: Path, capsys: pytest.Ca
     assert data["metrics"]["total_output_tokens"] == 6 and data["metrics"]["ttft_p50_ms"] is None
     assert data["batches"][0]["new_tokens"] == [3, 3]
     assert data["config"]["image_sizes"] == [[448, 448]] and data["config"]["device"] == "cpu"
+
+
+def test_w4_sessions_resend_their_history():
+    sessions = bw.build_sessions(3, 4, seed=0, progress=False)
+    s = sessions[0]
+    assert [len(t) for t in s.images] == [2, 0, 1, 0]
+    assert len({i for x in sessions for t in x.image_ids for i in t}) == 9  # distinct across sessions
+    p2, images = s.prompt(["first answer", "second answer"])
+    assert p2.count(bw.IMAGE_PLACEHOLDER) == len(images) == 3
+    assert p2.startswith(s.prompt([])[0]) and "first answer<|im_end|>" in p2 and p2.endswith("assistant\n")
+    assert bw.build_sessions(3, 4, seed=0, progress=False)[2].questions == sessions[2].questions

@@ -102,3 +102,6 @@ def test_abort_after_finish_with_the_real_engine(pipe):
     router.handle(Abort(1))
     assert_nothing_kept(router)
     assert engine.kv.used == 0 and not engine.has_work()
+    # its KV stays in the prefix cache; the stats say so
+    stats = router.stats()
+    assert stats.kv_used == 0 and stats.prompt_cache_tokens == engine.kv.cached >= len(ids)

@@ -126,6 +126,40 @@ def test_repeated_image_is_a_cache_hit(server, pipe, image_factory_m):
     assert ids_of(first) == ids_of(second) == expected(pipe, prompt, [img])
 
 
+def test_prompt_cache_len_and_cached_tokens_grow_on_the_second_turn(server, pipe, image_factory_m):
+    """The KV prefix cache over HTTP: a second turn re-sending the first turn's prompt reuses
+    its KV (LightLLM's prompt_cache_len, OpenAI's cached_tokens, /metrics), same tokens as the pipeline."""
+    img = image_factory_m(448, 448, 41)
+    turn1 = "<|im_start|>user\n<image>\nWhat colour is it, friend?<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = turn1 + "Blue.<|im_end|>\n<|im_start|>user\nAre you sure?<|im_end|>\n<|im_start|>assistant\n"
+    before = server.metrics()
+    status, first = server.post("/generate", gen_body(turn1, [img], max_new_tokens=N, ignore_eos=True,
+                                                      return_details=True))
+    assert status == 200, first
+    assert first["prompt_cache_len"] < first["prompt_tokens"] // 2  # at most a template prefix of earlier tests
+    status, events = server.stream(gen_body(turn2, [img], max_new_tokens=N, ignore_eos=True))
+    assert status == 200
+    assert "prompt_cache_len" not in events[0] and events[-1]["finished"]
+    assert first["prompt_tokens"] - 1 <= events[-1]["prompt_cache_len"] < events[-1]["token"]["prompt_tokens"]
+    assert [e["token"]["id"] for e in events] == expected(pipe, turn2, [img])
+    assert ids_of(first) == expected(pipe, turn1, [img])
+    after = server.metrics()
+    assert (after["mmserver_prompt_cache_hit_tokens_total"] - before["mmserver_prompt_cache_hit_tokens_total"]
+            >= events[-1]["prompt_cache_len"])
+    assert after["mmserver_prompt_cache_tokens"] > 0
+    # OpenAI: the same conversation as messages
+    url = "data:image/png;base64," + image_b64(img)
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": "Which shape do you see here?"}]}
+    chat = [{"role": "user", "content": "Hi there, assistant."}, {"role": "assistant", "content": "Hello."}, user]
+    r1 = server.post("/v1/chat/completions", {"model": "m", "messages": chat, "max_tokens": 3})[1]
+    r2 = server.post("/v1/chat/completions", {"model": "m", "max_tokens": 3, "messages": chat + [
+        {"role": "assistant", "content": "A square."}, {"role": "user", "content": "And its colour?"}]})[1]
+    u1, u2 = r1["usage"], r2["usage"]
+    assert u1["prompt_tokens_details"]["cached_tokens"] < u1["prompt_tokens"] // 2
+    assert u1["prompt_tokens"] - 1 <= u2["prompt_tokens_details"]["cached_tokens"] < u2["prompt_tokens"]
+
+
 @pytest.fixture(scope="module")
 def image_url_base(media_dir):
     with serve_directory(media_dir) as url:

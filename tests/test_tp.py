@@ -79,13 +79,32 @@ def _run_leader_follower(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
         leader.stop()
 
 
+def _run_sessions(model: InternVLModel, job: dict, tp: TPGroup) -> dict:
+    """Multi-turn sessions through the prefix cache, as the server runs them: rank 0's Engine
+    reuses cached prefixes, so the followers must get those rows of the token table too."""
+    from test_prefix_cache import run_sessions
+
+    cfg = EngineConfig(**job["config"])
+    if tp.rank > 0:
+        kv, table = allocate_kv(model.llm, cfg)
+        return {"steps": follow(model.llm, kv.buffer, table.table, tp)}
+    leader = TPLeader(model.llm, tp)
+    try:
+        eng = Engine(leader, cfg)
+        out = run_sessions(eng, job["sessions"])
+        return {"results": out, "hit": eng.prefix_cache.hit_tokens, "evicted": eng.prefix_cache.evicted_tokens}
+    finally:
+        leader.stop()
+
+
 def _worker(rank: int, world: int, init_file: str, phases: list[tuple[int, str, list[dict]]], out: str) -> None:
     """Run each (tp size, mode, jobs) phase on ranks 0..size-1 (a subgroup); rank 0 saves the results."""
     torch.set_num_threads(1)  # ranks share the machine's cores
     tp = init_tp(rank, world, f"file://{init_file}", backend="gloo")
     # Every rank creates every subgroup, in the same order (a torch.distributed rule).
     groups = {size: dist.new_group(list(range(size))) if size < world else tp.group for size, _, _ in phases}
-    run = {"replicated": lambda model, job, sub: _run_job(model, job), "leader": _run_leader_follower}
+    run = {"replicated": lambda model, job, sub: _run_job(model, job), "leader": _run_leader_follower,
+           "sessions": _run_sessions}
     results = []
     try:
         for size, mode, jobs in phases:
@@ -152,6 +171,23 @@ def test_tp_matches_single_process(jobs, tmp_path):
         _check(got, jobs[name][1])
     assert leader[0]["tokens"] == jobs["internlm2"][1]["tokens"]
     _check(tp4[0], tp4_expected)
+
+
+def test_tp_prefix_cache_matches_single_process(ckpt, pipe, tmp_path):
+    """tp=2 as the server runs it (rank 0's Engine, rank 1 following), multi-turn sessions with
+    images through the prefix cache, a pool that forces evictions, chunked prefill and the
+    overlap schedule: the same tokens as one process without the cache."""
+    from test_prefix_cache import make_sessions, run_sessions
+
+    sessions = make_sessions(pipe, n_sessions=4, turns=3, seed=8)
+    config = {"max_req_len": 1024, "max_requests": 8, "batch_max_tokens": 160, "overlap_schedule": True}
+    expected = run_sessions(Engine(pipe.model.llm, EngineConfig(max_total_tokens=8192, disable_dynamic_prompt_cache=True,
+                                                                **config)), sessions)
+    biggest = max(len(r["prompt"]) + len(r["tokens"]) for r in expected.values())
+    job = {"ckpt": str(ckpt), "sessions": sessions, "config": {**config, "max_total_tokens": biggest + 1200}}
+    [[got]] = _spawn(2, tmp_path, [(2, "sessions", [job])])
+    assert got["hit"] > 500 and got["evicted"] > 0
+    assert {k: r["tokens"] for k, r in got["results"].items()} == {k: r["tokens"] for k, r in expected.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ _FIELDS: tuple[tuple[str, np.dtype], ...] = (
     ("input_ids", np.dtype(np.int64)), ("rope_positions", np.dtype(np.int64)), ("table_index", np.dtype(np.int64)),
     ("logit_rows", np.dtype(np.int64)), ("slots", np.dtype(np.int32)), ("req_rows", np.dtype(np.int32)),
     ("cu_q", np.dtype(np.int32)), ("prefix_lens", np.dtype(np.int32)), ("seq_lens", np.dtype(np.int32)),
-    ("image_index", np.dtype(np.int32)),
+    ("image_index", np.dtype(np.int32)), ("table_prefix_index", np.dtype(np.int64)),
+    ("table_prefix_slots", np.dtype(np.int32)),
 )
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 
@@ -49,6 +50,10 @@ class HostBatch:
     max_q_len: int
     max_seq_len: int
     image_index: Sequence[int] | None = None  # [T], only with image rows
+    # [E] each: token-table cells of cached prefixes that rows admitted since the last batch
+    # start with (`TokenTable.record_prefix`), written with the new tokens' cells
+    table_prefix_index: Sequence[int] | None = None
+    table_prefix_slots: Sequence[int] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -135,4 +140,5 @@ class InputBuffers:
                             table_index=v["table_index"], slots=v["slots"], req_rows=v["req_rows"], cu_q=v["cu_q"],
                             prefix_lens=v["prefix_lens"], seq_lens=v["seq_lens"], max_q_len=hb.max_q_len,
                             max_seq_len=hb.max_seq_len, logit_rows=v["logit_rows"], image_rows=image_rows,
-                            image_index=v.get("image_index"))
+                            image_index=v.get("image_index"), table_prefix_index=v.get("table_prefix_index"),
+                            table_prefix_slots=v.get("table_prefix_slots"))

@@ -24,6 +24,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     # Build step N+1 while the device runs step N (see `engine.engine`). None: on for CUDA devices.
     overlap_schedule: bool | None = None
+    # Keep finished requests' KV in a prefix cache and reuse it for later prompts that start
+    # the same way (`engine.prefix_cache`); --disable_dynamic_prompt_cache (LightLLM's flag) sets this.
+    disable_dynamic_prompt_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.cuda_graphs and os.environ.get(CUDA_GRAPHS_ENV, "1") == "0":

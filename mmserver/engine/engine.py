@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -35,7 +35,8 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs, graphs_enabled
 from .kv_pool import allocate_kv
 from .model_runner import Launched, ModelRunner
-from .request import Request, RequestError, StepOutput, rope_inputs, span_offsets
+from .prefix_cache import PrefixCache
+from .request import Request, RequestError, StepOutput, prompt_cache_keys, rope_inputs, span_offsets
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
 
@@ -52,6 +53,8 @@ class Engine:
         self.config = config
         self.device = llm.device
         self.kv, self.table = allocate_kv(llm, config)
+        if not config.disable_dynamic_prompt_cache:
+            self.kv.cache = PrefixCache()
         self.scheduler = Scheduler(config, self.kv, self.table)
         self.runner = ModelRunner(llm, config, self.kv, self.table)
         self._ids = itertools.count()
@@ -66,10 +69,15 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, image_embeds: torch.Tensor | None = None,
                     image_spans: Sequence[tuple[int, int]] = (), req_id: int | None = None,
-                    rope_positions: torch.Tensor | None = None, rope_delta: int = 0) -> int:
+                    rope_positions: torch.Tensor | None = None, rope_delta: int = 0,
+                    image_keys: Sequence[Hashable] | None = None) -> int:
         """Queue a request. `image_spans` are the (start, length) prompt ranges whose embeddings
         are replaced by `image_embeds` rows, in order (the model family's prompt expansion says
         where its images are; the engine never looks at token ids for that).
+
+        `image_keys` (one per span) are the images' content identities for the prefix cache
+        (the embedding-cache key: md5 of the bytes and every option that changes the
+        embedding); an image without one shares no KV with anything.
 
         `rope_positions` ([P, len(prompt_ids)] integers; None: 0..L-1) are the prompt tokens'
         RoPE positions and `rope_delta` shifts every later token's: the one at cache position p
@@ -87,10 +95,13 @@ class Engine:
         rope = rope_inputs(rope_positions, rope_delta, n_prompt, params.max_new_tokens,
                            self.llm.cfg.max_position_embeddings)
         grammar = self._grammar(params) if params.structured is not None else None
+        if image_keys is not None and len(image_keys) != len(image_spans):
+            raise RequestError(f"{len(image_keys)} image keys for {len(image_spans)} images")
+        keys = prompt_cache_keys(prompt_ids, image_spans, image_keys) if self.kv.cache is not None else None
         rid = next(self._ids) if req_id is None else req_id
         self.scheduler.add(Request(rid, list(prompt_ids), params, image_embeds=image_embeds if n_rows else None,
                                    image_offsets=offsets, rope_positions=rope, rope_delta=rope_delta,
-                                   generator=make_generator(params.seed, self.device), grammar=grammar))
+                                   generator=make_generator(params.seed, self.device), prompt_keys=keys, grammar=grammar))
         return rid
 
     def _grammar(self, params: SamplingParams) -> Any:
@@ -140,6 +151,10 @@ class Engine:
 
     # ----------------------------------------------------------------------------------
     # The parts' state, where callers and tests look for it
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.kv.cache
 
     @property
     def waiting(self) -> deque[Request]:

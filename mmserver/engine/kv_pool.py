@@ -26,6 +26,7 @@ import torch
 if TYPE_CHECKING:
     from ..models.llm.decoder import DecoderLM
     from .config import EngineConfig
+    from .prefix_cache import PrefixCache
 
 Index = TypeVar("Index", int, np.ndarray)
 
@@ -48,17 +49,33 @@ class KVPool:
         # Free slots as a stack on the host: allocation is a slice, no device sync.
         self._free = torch.arange(self.num_slots, dtype=torch.int32)
         self._top = self.num_slots
+        # The prefix cache, if any: the slots it holds are `cached`, neither used nor free, and
+        # `alloc` evicts its unlocked ones when the free stack is short.
+        self.cache: PrefixCache | None = None
 
     @property
     def free(self) -> int:
         return self._top
 
     @property
+    def cached(self) -> int:
+        """Slots the prefix cache holds (used + free + cached = num_slots)."""
+        return self.cache.size if self.cache is not None else 0
+
+    @property
     def used(self) -> int:
-        return self.num_slots - self._top
+        """Slots running requests hold on their own (not the cached prefixes they share)."""
+        return self.num_slots - self._top - self.cached
+
+    @property
+    def available(self) -> int:
+        """Free slots plus the cached ones nobody uses (evicted on demand)."""
+        return self._top + (self.cache.evictable if self.cache is not None else 0)
 
     def alloc(self, n: int) -> torch.Tensor:
-        """`n` free slots as an int32 host tensor."""
+        """`n` free slots as an int32 host tensor, evicting unlocked cached prefixes if needed."""
+        if n > self._top and self.cache is not None:
+            self.release(torch.from_numpy(self.cache.evict(n - self._top)))
         if n > self._top:
             raise KVPoolExhausted(f"asked for {n} KV slots, {self._top} free")
         self._top -= n
@@ -88,6 +105,9 @@ class TokenTable:
         self._lens = np.zeros(max_requests, dtype=np.int64)  # positions recorded per row
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self._owned: set[int] = set()
+        # Cells recorded on the host by `record_prefix` and not yet on the device: (flat index,
+        # slot) arrays, written with the next batch's cells (`take_prefix_writes`).
+        self._prefix_writes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by row
 
     @property
     def free_rows(self) -> int:
@@ -129,6 +149,23 @@ class TokenTable:
         self._lens[rows_a] = ends
         return positions, self.flat_index(token_rows, positions)
 
+    def record_prefix(self, row: int, slots: np.ndarray) -> None:
+        """A new row starts with a cached prefix: positions 0..n-1 live in `slots`. The host
+        mirror is written now, the device table with the next batch (every rank's, through
+        the batch: see `take_prefix_writes`)."""
+        slots = np.asarray(slots, dtype=np.int32)
+        if len(slots):
+            self.record(row, 0, slots)
+            self._prefix_writes[row] = (self.flat_index(row, np.arange(len(slots), dtype=np.int64)), slots)
+
+    def take_prefix_writes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The (flat index, slot) cells `record_prefix` left for the device, once; None if none."""
+        if not self._prefix_writes:
+            return None
+        index, slots = (np.concatenate(parts) for parts in zip(*self._prefix_writes.values()))
+        self._prefix_writes.clear()
+        return index, slots
+
     def write(self, flat_index: torch.Tensor, slots: torch.Tensor) -> None:
         """table.view(-1)[flat_index] = slots: one scatter for a whole batch (device tensors)."""
         self.table.view(-1).index_copy_(0, flat_index, slots)
@@ -142,6 +179,7 @@ class TokenTable:
         if row not in self._owned:
             raise RuntimeError(f"row {row} is not allocated")
         held = self.held(row)
+        self._prefix_writes.pop(row, None)  # a row freed before its first batch: nothing to write
         self._owned.discard(row)
         self._lens[row] = 0
         self._free_rows.append(row)

@@ -27,7 +27,7 @@ from .kv_pool import KVPool, TokenTable
 from .request import Request
 from .sampling import Sampler
 from .scheduler import StepPlan
-from .tp import TPLeader
+from .tp import TPLeader, write_token_table
 
 log = logging.getLogger("mmserver.engine")
 
@@ -117,14 +117,16 @@ class ModelRunner:
         """The device batch of `plan` with its token-table cells written; returns it and the
         graph size to replay it with (None: run it eagerly)."""
         hb, image_parts = self.host_batch(plan)
-        graph_size = self.graphs.bucket(hb.num_requests) if self.graphs is not None and paddable(hb) else None
+        graph_size = None
+        if self.graphs is not None and paddable(hb) and hb.table_prefix_index is None:
+            graph_size = self.graphs.bucket(hb.num_requests)
         if graph_size is not None:
             batch = self.graphs.inputs(graph_size).pack(self.graphs.pad_batch(hb, graph_size))
         else:
             batch = self._inputs.pack(hb, self._image_rows(image_parts) if image_parts else None)
         if plan.reads_pending:
             fill_pending_ids(batch.input_ids, previous.tokens)
-        self.table.write(batch.table_index, batch.slots)  # before the forward: attention reads the new tokens' slots
+        write_token_table(batch, self.table.table)  # before the forward: attention reads these cells
         return batch, graph_size
 
     # ----------------------------------------------------------------------------------
@@ -142,10 +144,12 @@ class ModelRunner:
         prefix_lens = np.asarray(plan.starts, dtype=np.int64)
         seq_lens = prefix_lens + counts
         image_index, image_parts = self._image_index(plan, cu_q)
+        prefix_index, prefix_slots = self.table.take_prefix_writes() or (None, None)
         hb = HostBatch(input_ids=self._input_ids(plan), rope_positions=self._rope_positions(plan, positions, cu_q),
                        table_index=table_index, slots=slots, req_rows=rows, cu_q=cu_q, prefix_lens=prefix_lens,
                        seq_lens=seq_lens, logit_rows=cu_q[1:][np.asarray(plan.produces, dtype=bool)] - 1,
-                       max_q_len=int(counts.max()), max_seq_len=int(seq_lens.max()), image_index=image_index)
+                       max_q_len=int(counts.max()), max_seq_len=int(seq_lens.max()), image_index=image_index,
+                       table_prefix_index=prefix_index, table_prefix_slots=prefix_slots)
         return hb, image_parts
 
     @staticmethod

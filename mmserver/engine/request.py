@@ -8,7 +8,7 @@ neither owns the other's state, so both import it from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,11 @@ class Request:
     pending_index: int = -1  # row of the latest of them in its step's sampled tokens
     # Structured output: the request's grammar matcher (mmserver.structured.GrammarState), or None.
     grammar: Any = None
+    # Prefix cache: each prompt position's key (its id, or (image key, offset) at an image
+    # token; None with the cache off), the cached prefix taken at admission and its tree node.
+    prompt_keys: list | None = None
+    prompt_cache_len: int = 0
+    prefix_node: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +64,12 @@ class Request:
 
     @property
     def footprint(self) -> Footprint:
-        return Footprint(self.num_tokens, self.params.max_new_tokens - self.num_generated)
+        """Its own KV: a cached prefix it shares is counted once, by the scheduler."""
+        return Footprint(self.num_tokens - self.prompt_cache_len, self.params.max_new_tokens - self.num_generated)
+
+    def cache_keys(self, n: int) -> list:
+        """The prefix-cache keys of its first n positions (prompt, then generated ids)."""
+        return (self.prompt_keys + self.output_ids)[:n]
 
     @property
     def rope_rows(self) -> int:
@@ -87,6 +97,7 @@ class StepOutput:
     # The request's top_logprobs alternatives for this token, (id, raw logprob), best first; None
     # when it asked for none.
     top: list[tuple[int, float]] | None = None
+    prompt_cache_len: int | None = None  # on a request's first token: prompt tokens reused from the prefix cache
 
 
 def span_offsets(spans: Sequence[tuple[int, int]], n_prompt: int) -> list[int]:
@@ -126,3 +137,18 @@ def rope_inputs(rope_positions: torch.Tensor | None, rope_delta: int, n_prompt: 
         raise RequestError(f"RoPE positions run from {lowest} to {highest}, outside the model's "
                            f"[0, {max_positions})")
     return None if rope_positions is None else rope_positions.detach().cpu().numpy().astype(np.int64)
+
+
+def prompt_cache_keys(prompt_ids: Sequence[int], spans: Sequence[tuple[int, int]],
+                      image_keys: Sequence[Hashable] | None) -> list:
+    """Each prompt position's prefix-cache key: its id, or `(image key, k)` at the k-th token of
+    an image. Images without a key get one that equals nothing else (their KV is never shared)."""
+    keys: list = list(prompt_ids)
+    if image_keys is None:
+        image_keys = [object() for _ in spans]
+    elif len(image_keys) != len(spans):
+        raise RequestError(f"{len(image_keys)} image keys for {len(spans)} images")
+    for (start, length), key in zip(spans, image_keys):
+        key = key or object()  # "" (no key known): shares nothing
+        keys[start:start + length] = [(key, k) for k in range(length)]
+    return keys

@@ -7,6 +7,12 @@ It works on `Request`s and plain numbers only, never on tensors (the model runne
 * the chunk budget: each step prefills at most `batch_max_tokens` prompt tokens beside the
   running decodes (chunked prefill);
 * the length rule (max_new_tokens / max_req_len) and the finish rule (stop ids, min_new_tokens);
+* the prefix cache (`prefix_cache`, unless `disable_dynamic_prompt_cache`): at admission a
+  request takes the longest cached prefix of its prompt (at most all but the last token, which
+  must run to give logits), locks it and starts its prefill after it; when it finishes, its
+  keyed positions with KV (prompt and output, not the last sampled token, which was never fed)
+  go into the cache and its lock is dropped. Admission counts a shared prefix once and cached
+  slots nobody uses as free (they are evicted when the pool needs them);
 * the overlap schedule's bookkeeping. A request's token sampled in step N is *pending* until
   N's results reach the host; step N+1 may feed it already, as the input id
   `pending_input_id(k)` (row k of step N's sampled tokens), which the runner swaps in on the
@@ -19,6 +25,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from .admission import fits
 from .config import EngineConfig
@@ -106,12 +115,24 @@ class Scheduler:
     # A step: admit, plan, and take the sampled tokens back
 
     def admit(self) -> None:
+        cache = self.kv.cache
         while self.waiting and len(self.running) < self.config.max_requests and self.table.free_rows:
             cand = self.waiting[0]
-            if not fits([r.footprint for r in self.running], cand.footprint, self.config.max_total_tokens):
+            capacity = self.config.max_total_tokens
+            if cache is not None:  # its cached prefix, and the shared prefixes in use, count once
+                node, slots = cache.match(cand.prompt_keys, len(cand.prompt_ids) - 1)
+                cand.prompt_cache_len = len(slots)
+                capacity -= cache.locked + cache.unlocked_on_path(node)
+            if not fits([r.footprint for r in self.running], cand.footprint, capacity):
                 break  # FIFO: a big request is not overtaken, so it cannot starve
             self.waiting.popleft()
             cand.row = self.table.alloc_row()
+            if cache is not None:
+                cache.lock(node)
+                cache.hit_tokens += len(slots)
+                cand.prefix_node = node
+                cand.num_cached = len(slots)
+                self.table.record_prefix(cand.row, slots)
             self.running.append(cand)
 
     def needs_host_tokens(self, r: Request) -> bool:
@@ -159,6 +180,8 @@ class Scheduler:
             if reason:
                 self._finish(r, reason)
             outs.append(StepOutput(r.req_id, tok, lp, r.finished, r.finish_reason, top[k] if top else None))
+            if len(r.output_ids) == 1:
+                outs[-1].prompt_cache_len = r.prompt_cache_len
         return outs
 
     @staticmethod
@@ -208,6 +231,23 @@ class Scheduler:
         """Its pending token is its last: nothing more to run."""
         return r.pending > 0 and self._length_reached(r, r.num_generated)
 
+    def _cache(self, r: Request, held: torch.Tensor) -> torch.Tensor:
+        """Put `r`'s positions with KV and a known key into the prefix cache and drop its lock;
+        returns the slots that go back to the pool (past those positions, and its own copies of
+        positions the cache already held).
+
+        Position p has KV once a launched step fed its token (`held` covers those: a step still
+        in flight writes before any later step reads, stream order). Its key is known on the
+        host for p < prompt + output: the last sampled token, and a token still pending, were
+        never fed or are not known yet, and the overlap schedule's dropped token has no KV."""
+        slots = held.numpy()
+        n = min(len(slots), len(r.prompt_ids) + len(r.output_ids))
+        cache = self.kv.cache
+        had = cache.insert(r.cache_keys(n), slots[:n])  # ≥ prompt_cache_len: r's prefix is still locked
+        cache.unlock(r.prefix_node)
+        r.prefix_node = None
+        return torch.from_numpy(np.concatenate([slots[r.prompt_cache_len:had], slots[n:]]))
+
     def _finish_reason(self, r: Request, tok: int) -> str | None:
         p = r.params
         if not p.ignore_eos and tok in p.stop_token_ids and len(r.output_ids) >= p.min_new_tokens:
@@ -217,10 +257,13 @@ class Scheduler:
         return None
 
     def _finish(self, r: Request, reason: str) -> None:
-        """Retire `r` now: its row and every KV slot it holds go back (a prefix cache would keep them)."""
+        """Retire `r` now: its row goes back, and its KV slots to the prefix cache or the pool."""
         r.finished, r.finish_reason = True, reason
         if r.row >= 0:
-            self.kv.release(self.table.free_row(r.row))
+            held = self.table.free_row(r.row)
+            if self.kv.cache is not None:
+                held = self._cache(r, held)
+            self.kv.release(held)
             r.row = -1
         if r in self.running:
             self.running.remove(r)

@@ -13,6 +13,7 @@ The server and the pipeline validate with the same functions here.
 from __future__ import annotations
 
 import binascii
+import hashlib
 from typing import Any
 
 import torch
@@ -48,6 +49,14 @@ def check(t: torch.Tensor, index: int, row_multiple: int, hidden: int, dtype: to
     if not bool(torch.isfinite(t).all()):
         raise EmbedsError(f"embeds {index}: contains NaN or infinity")
     return t.to(dtype).contiguous()
+
+
+def digest(t: torch.Tensor) -> str:
+    """A content key for a tensor (dtype, shape and bytes; sha256, full width): the prefix
+    cache's image key of precomputed embeddings, so that equal inputs share KV and others never do."""
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def b64decode(data: str, index: int) -> bytes:

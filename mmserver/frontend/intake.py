@@ -55,10 +55,16 @@ class PreparedImage:
 @dataclass
 class PreparedEmbeds:
     tensor: torch.Tensor  # [n_tokens, hidden], validated, in the model's dtype
+    digest: str = ""  # sha256 of the tensor (embeds.digest)
 
     @property
     def n_tokens(self) -> int:
         return self.tensor.shape[0]
+
+    @property
+    def cache_key(self) -> str:
+        # The KV prefix cache's key for these rows (they never enter the embedding cache).
+        return f"embeds:{self.digest}"
 
 
 Prepared = Union[PreparedImage, PreparedEmbeds]
@@ -138,7 +144,7 @@ class Intake:
                                 self.family.config.llm.hidden_size, self.embeds.dtype)
         except embeds_io.EmbedsError as e:
             raise BadRequest(str(e)) from None
-        return PreparedEmbeds(t)
+        return PreparedEmbeds(t, embeds_io.digest(t))
 
     def tokenize(self, prompt: str, images: list[Prepared]) -> tuple[list[int], list[Span]]:
         """The prompt's ids with each image's positions, and where each image's rows go."""

@@ -34,6 +34,7 @@ class TokenEvent:
     finish_reason: str | None = None
     full_text: str | None = None
     top: list[tuple[int, float]] | None = None  # top_logprobs alternatives (id, logprob), best first
+    prompt_cache_len: int = 0  # prompt tokens whose KV the router reused from its prefix cache
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Streams:
             self.counters.prompt_tokens += len(req.input_ids)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special, req.params.stop_sequences,
                                            prompt_ids=req.input_ids)
-            count = 0
+            count = cached = 0
             while True:
                 item: Token | Failure = await q.get()
                 if isinstance(item, Failure):
@@ -119,6 +120,8 @@ class Streams:
                     finished = True
                     raise HTTPError(f"structured output failed: the grammar refused sampled token {tok}", 500)
                 count += 1
+                if item.prompt_cache_len is not None:
+                    cached = item.prompt_cache_len
                 if count == 1:
                     self.counters.stage("total", time.monotonic() - req.t_arrival)
                 self.counters.generated_tokens += 1
@@ -131,9 +134,10 @@ class Streams:
                     if not detok.stopped:
                         text += detok.flush()
                     yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, True, reason, detok.text,
-                                     item.top)
+                                     item.top, prompt_cache_len=cached)
                     return
-                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, top=item.top)
+                yield TokenEvent(tok, text, logprob, tok in self.special_ids, count, top=item.top,
+                                 prompt_cache_len=cached)
         finally:
             self.queues.pop(req.req_id, None)
             if not finished:  # client gone or error: stop the work and free its KV slots

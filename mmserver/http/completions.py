@@ -201,7 +201,10 @@ class _Choices:
 
     def usage(self) -> dict:
         prompt_tokens = sum(len(p.ids) for p in self.req.prompts)  # each prompt once, whatever n
-        return usage(prompt_tokens, sum(ev.count for ev in self.last.values()))
+        cached: dict[int, int] = {}  # per prompt: the most any of its samples reused
+        for i, ev in self.last.items():
+            cached[i // self.req.n] = max(cached.get(i // self.req.n, 0), ev.prompt_cache_len)
+        return usage(prompt_tokens, sum(ev.count for ev in self.last.values()), sum(cached.values()))
 
     def envelope(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,

@@ -35,7 +35,8 @@ async def generate(request: web.Request) -> web.Response:
                     tokens[-1]["top_logprobs"] = _top(state, ev)
     state.streams.counters.outcome("ok")
     body = {"generated_text": [last.full_text], "count_output_tokens": last.count,
-            "finish_reason": last.finish_reason, "prompt_tokens": len(sub.serve.input_ids)}
+            "finish_reason": last.finish_reason, "prompt_tokens": len(sub.serve.input_ids),
+            "prompt_cache_len": last.prompt_cache_len}
     if req.return_details:
         body["tokens"] = tokens
     return web.json_response(body)
@@ -58,6 +59,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             payload = {"token": token,
                        "generated_text": ev.full_text if ev.finished else None,
                        "finished": ev.finished, "finish_reason": ev.finish_reason}
+            if ev.finished:
+                payload["prompt_cache_len"] = ev.prompt_cache_len
             await resp.write(b"data:" + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
             if ev.finished:
                 break

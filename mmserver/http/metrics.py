@@ -115,6 +115,12 @@ class _SnapshotCollector:
         yield _gauge("mmserver_running_requests", "Requests in the running batch", router.get("running", 0))
         yield _gauge("mmserver_kv_slots_used", "KV cache slots (tokens) in use", router.get("kv_used", 0))
         yield _gauge("mmserver_kv_slots_total", "KV cache slots (tokens) in the pool", router.get("kv_total", 0))
+        yield _counter("mmserver_prompt_cache_hit_tokens_total", "Prompt tokens served from the KV prefix cache",
+                       router.get("prompt_cache_hit_tokens", 0))
+        yield _gauge("mmserver_prompt_cache_tokens", "KV slots (tokens) the prefix cache holds",
+                     router.get("prompt_cache_tokens", 0))
+        yield _counter("mmserver_prompt_cache_evicted_tokens_total", "Tokens evicted from the KV prefix cache",
+                       router.get("prompt_cache_evicted_tokens", 0))
         yield _counter("mmserver_embed_cache_hits_total", "Image embedding cache hits", cache.get("hits", 0))
         yield _counter("mmserver_embed_cache_misses_total", "Image embedding cache misses", cache.get("misses", 0))
         yield _counter("mmserver_embed_cache_evictions_total", "Cache evictions", cache.get("evictions", 0))

@@ -201,12 +201,14 @@ async def _complete(state: AppState, events, done: _Chat, subs: list[Submission]
                 "finish_reason": finish_reason(last[i].finish_reason)} for i in range(len(subs))]
     return web.json_response({"id": done.id, "object": "chat.completion", "created": done.created,
                               "model": done.model, "choices": choices,
-                              "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()))})
+                              "usage": usage(done.prompt_tokens, sum(ev.count for ev in last.values()),
+                                             max(ev.prompt_cache_len for ev in last.values()))})
 
 
 async def _stream(request: web.Request, state: AppState, events, done: _Chat, n: int,
                   logprobs: bool) -> web.StreamResponse:
     counts = [0] * n
+    cached = [0] * n
     held: list[list[dict]] = [[] for _ in range(n)]  # logprobs of tokens whose text is not sent yet
 
     def take(i: int) -> dict | None:
@@ -222,6 +224,7 @@ async def _stream(request: web.Request, state: AppState, events, done: _Chat, n:
         counts[i] = ev.count
         if logprobs:
             held[i].append(chat_logprobs(state, ev))
+        cached[i] = ev.prompt_cache_len
         if ev.finished:  # the last text rides with the finish reason; content is always a string
             return [done.chunk(i, {"content": ev.text}, finish_reason(ev.finish_reason), take(i))]
         # a token whose text is held back (partial character, possible stop string) rides with
@@ -232,7 +235,7 @@ async def _stream(request: web.Request, state: AppState, events, done: _Chat, n:
         if not done.include_usage:
             return []
         return [{"id": done.id, "object": "chat.completion.chunk", "created": done.created, "model": done.model,
-                 "choices": [], "usage": usage(done.prompt_tokens, sum(counts))}]
+                 "choices": [], "usage": usage(done.prompt_tokens, sum(counts), max(cached))}]
 
     return await stream_sse(request, state, events, start, on_event, end)
 

@@ -136,9 +136,11 @@ def finite_logprob(value: float) -> float:
     return value if math.isfinite(value) else -9999.0  # JSON has no -inf (vLLM's stand-in)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the KV prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 Payload = Any  # a JSON-able object, or the literal string "[DONE]"

@@ -70,7 +70,8 @@ async def prepare(state: AppState, req: GenerateRequest, *, n: int = 1, fit_to_c
     try:
         for params in sample_params(req.params, n):
             refs = await state.intake.take_cache_refs(images)  # one reference per sample: each stream drops its own
-            serve = ServeRequest(state.streams.new_id(), ids, params, refs, spans, t_arrival=t_arrival)
+            serve = ServeRequest(state.streams.new_id(), ids, params, refs, spans,
+                                 image_keys=[im.cache_key for im in images], t_arrival=t_arrival)
             subs.append(Submission(serve,
                                    refs, req.skip_special_tokens))
     except BaseException:

@@ -60,7 +60,7 @@ class Router:
             embeds = self._read_embeddings(req)
             rope = self.rope_inputs(req.input_ids, req.image_spans, [r.grid for r in req.images])
             self.engine.add_request(req.input_ids, req.params, image_embeds=embeds, image_spans=req.image_spans,
-                                    req_id=req.req_id, **rope)
+                                    image_keys=req.image_keys if req.images else None, req_id=req.req_id, **rope)
             self.awaiting_first[req.req_id] = req.t_sent
         except (RequestError, ValueError, FileNotFoundError) as e:
             self.out.send(Failure(req.req_id, "error", str(e)))
@@ -91,8 +91,13 @@ class Router:
 
     def stats(self) -> RouterStats:
         e = self.engine
-        return RouterStats(kv_used=e.kv.used, kv_total=e.kv.num_slots, waiting=len(e.waiting), running=len(e.running),
-                           ttft_router_s=self.first_token_s, ttft_router_n=self.first_tokens)
+        stats = RouterStats(kv_used=e.kv.used, kv_total=e.kv.num_slots, waiting=len(e.waiting),
+                            running=len(e.running), ttft_router_s=self.first_token_s, ttft_router_n=self.first_tokens)
+        if (cache := e.prefix_cache) is not None:
+            stats.prompt_cache_hit_tokens = cache.hit_tokens
+            stats.prompt_cache_tokens = cache.size
+            stats.prompt_cache_evicted_tokens = cache.evicted_tokens
+        return stats
 
 
 def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):

@@ -47,4 +47,5 @@ def engine_config_for(args: ServerArgs, llm: DecoderLM) -> EngineConfig:
     return EngineConfig(max_total_tokens=slots, max_requests=args.running_max_req_size,
                         max_req_len=min(max_len, slots),
                         batch_max_tokens=args.batch_max_tokens or DEFAULT_BATCH_MAX_TOKENS,
-                        overlap_schedule={"on": True, "off": False}.get(args.overlap_schedule))
+                        overlap_schedule={"on": True, "off": False}.get(args.overlap_schedule),
+                        disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache)

@@ -40,6 +40,10 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [R] int64: rows of the packed batch whose logits are needed
     image_rows: torch.Tensor | None = None  # [M, H] embeddings replacing image tokens
     image_index: torch.Tensor | None = None  # [T] int32: row in image_rows, or -1
+    # [E] int64 / int32: more token-table cells to write with table_index → slots (a request
+    # admitted with a cached prefix: its prefix positions' slots). The forward does not read them.
+    table_prefix_index: torch.Tensor | None = None
+    table_prefix_slots: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
