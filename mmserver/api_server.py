@@ -78,6 +78,24 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
     return ends
 
 
+def start_encoder_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
+    """An encoder-only server (--run_mode visual_only): embed cache → ViT workers → visual
+    process, whose "to router" messages (an image encoded) come back to the HTTP process."""
+    from .embed_cache.process import run_cache
+    from .visual.process import run_visual
+
+    socket_path = os.path.join(cluster.workdir, "cache.sock")
+    cluster.start("embed_cache", run_cache, args.log_level, prefix=cluster.prefix, socket_path=socket_path,
+                  hidden_size=cfg.llm.hidden_size, itemsize=args.compute_dtype(cfg.torch_dtype).itemsize,
+                  capacity=args.cache_capacity, max_bytes=args.cache_max_bytes)
+    remote = _start_vit_workers(args, cluster)
+    http_to_visual_r, http_to_visual_w = pipe()
+    visual_to_http_r, visual_to_http_w = pipe()
+    cluster.start("visual", run_visual, args.log_level, args=args, from_http=http_to_visual_r,
+                  to_router=visual_to_http_w, to_http=visual_to_http_w, cache_socket=socket_path, remote=remote)
+    return {"to_visual": http_to_visual_w, "from_visual": visual_to_http_r, "cache_socket": socket_path}
+
+
 async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict) -> None:
     from aiohttp import web
 
@@ -103,6 +121,10 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     def health() -> str | None:
         return streams.failure or cluster.dead()
 
+    def health_details() -> dict:
+        states = stats.get("visual", {}).get("remote_encoders")
+        return {"remote_encoders": {a: "up" if up else "down" for a, up in states.items()}} if states else {}
+
     def drain(conn, source: str) -> None:
         try:
             while conn.poll():
@@ -126,7 +148,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
                      max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
-                     health=health, stats=stats, max_n=args.max_n, api_key=args.api_key)
+                     health=health, health_details=health_details, stats=stats, max_n=args.max_n, api_key=args.api_key)
     app = build_app(state, args.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
@@ -177,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot load {args.model_dir}: {e}")
     stop_ids = family.stop_token_ids()
     cluster = new_cluster()
+    visual_only = args.run_mode == "visual_only"
     try:
-        ends = start_workers(args, cluster, family.config)
+        ends = (start_encoder_workers if visual_only else start_workers)(args, cluster, family.config)
     except StartupError as e:
         cluster.shutdown()
         fail(str(e))
@@ -188,7 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        uvloop.run(serve_http(args, cluster, family, stop_ids, ends))
+        if visual_only:
+            from .http.encoder_api import serve_encoder
+
+            uvloop.run(serve_encoder(args, cluster, family, ends))
+        else:
+            uvloop.run(serve_http(args, cluster, family, stop_ids, ends))
     except OSError as e:  # e.g. the port is taken
         fail(f"HTTP server: {e}")
     finally:
