@@ -11,6 +11,7 @@ import sys
 
 from .args import ArgError, ServerArgs, parse_args
 from .launcher import Cluster, StartupError, configure_logging, fail, new_cluster, pipe
+from .nodes import NodeWatch, link_port, local_ranks, run_node, tp_init_method
 
 log = logging.getLogger("mmserver")
 
@@ -66,14 +67,15 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
                       to_router=visual_to_router_w, to_http=visual_to_http_w, cache_socket=socket_path,
                       remote=remote)
         ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
-    init = f"file://{cluster.workdir}/llm.init"
+    init = tp_init_method(args, cluster.workdir)
     cluster.spawn("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
                   from_visual=visual_to_router_r if args.enable_multimodal else None, to_http=router_to_http_w,
                   init_method=init)
-    for r in range(1, args.tp):
+    followers = local_ranks(args)[1:]  # node 0's other ranks; the other nodes start their own
+    for r in followers:
         cluster.spawn(f"model{r}", run_model_worker, args.log_level, args=args, tp_rank=r, init_method=init)
     ends["router_info"] = cluster.wait_ready("router")
-    for r in range(1, args.tp):
+    for r in followers:
         cluster.wait_ready(f"model{r}")
     return ends
 
@@ -96,7 +98,8 @@ def start_encoder_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
     return {"to_visual": http_to_visual_w, "from_visual": visual_to_http_r, "cache_socket": socket_path}
 
 
-async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict) -> None:
+async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict,
+                     nodes: NodeWatch | None = None) -> None:
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
@@ -118,8 +121,11 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     streams = Streams(family.tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 
+    def dead() -> str | None:
+        return cluster.dead() or (nodes.lost if nodes is not None else None)
+
     def health() -> str | None:
-        return streams.failure or cluster.dead()
+        return streams.failure or dead()
 
     def health_details() -> dict:
         states = stats.get("visual", {}).get("remote_encoders")
@@ -163,7 +169,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
 
     async def watch_children() -> None:
         while not stop.is_set():
-            reason = cluster.dead()
+            reason = dead()
             if reason and streams.failure is None:
                 log.error("worker failure: %s", reason)
                 streams.fail_all(reason)
@@ -198,6 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PromptError, OSError, ValueError) as e:
         fail(f"cannot load {args.model_dir}: {e}")
     stop_ids = family.stop_token_ids()
+    if args.node_rank > 0:  # model ranks only, until node 0 goes away
+        sys.exit(run_node(args))
+    nodes = None
+    if args.nnodes > 1:
+        try:
+            nodes = NodeWatch(args.nccl_host, link_port(args), args.nnodes)
+        except OSError as e:
+            fail(f"node watchdog on port {link_port(args)}: {e}")
     cluster = new_cluster()
     visual_only = args.run_mode == "visual_only"
     try:
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
             uvloop.run(serve_encoder(args, cluster, family, ends))
         else:
-            uvloop.run(serve_http(args, cluster, family, stop_ids, ends))
+            uvloop.run(serve_http(args, cluster, family, stop_ids, ends, nodes))
     except OSError as e:  # e.g. the port is taken
         fail(f"HTTP server: {e}")
     finally:
