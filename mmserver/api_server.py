@@ -11,6 +11,7 @@ import sys
 
 from .args import ArgError, ServerArgs, parse_args
 from .launcher import Cluster, StartupError, configure_logging, fail, new_cluster, pipe
+from .nodes import NodeWatch, link_port, local_ranks, run_node, tp_init_method
 
 log = logging.getLogger("mmserver")
 
@@ -66,19 +67,39 @@ def start_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
                       to_router=visual_to_router_w, to_http=visual_to_http_w, cache_socket=socket_path,
                       remote=remote)
         ends.update(to_visual=http_to_visual_w, from_visual=visual_to_http_r, cache_socket=socket_path)
-    init = f"file://{cluster.workdir}/llm.init"
+    init = tp_init_method(args, cluster.workdir)
     cluster.spawn("router", run_router, args.log_level, args=args, from_http=http_to_router_r,
                   from_visual=visual_to_router_r if args.enable_multimodal else None, to_http=router_to_http_w,
                   init_method=init)
-    for r in range(1, args.tp):
+    followers = local_ranks(args)[1:]  # node 0's other ranks; the other nodes start their own
+    for r in followers:
         cluster.spawn(f"model{r}", run_model_worker, args.log_level, args=args, tp_rank=r, init_method=init)
     ends["router_info"] = cluster.wait_ready("router")
-    for r in range(1, args.tp):
+    for r in followers:
         cluster.wait_ready(f"model{r}")
     return ends
 
 
-async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict) -> None:
+def start_encoder_workers(args: ServerArgs, cluster: Cluster, cfg) -> dict:
+    """An encoder-only server (--run_mode visual_only): embed cache → ViT workers → visual
+    process, whose "to router" messages (an image encoded) come back to the HTTP process."""
+    from .embed_cache.process import run_cache
+    from .visual.process import run_visual
+
+    socket_path = os.path.join(cluster.workdir, "cache.sock")
+    cluster.start("embed_cache", run_cache, args.log_level, prefix=cluster.prefix, socket_path=socket_path,
+                  hidden_size=cfg.llm.hidden_size, itemsize=args.compute_dtype(cfg.torch_dtype).itemsize,
+                  capacity=args.cache_capacity, max_bytes=args.cache_max_bytes)
+    remote = _start_vit_workers(args, cluster)
+    http_to_visual_r, http_to_visual_w = pipe()
+    visual_to_http_r, visual_to_http_w = pipe()
+    cluster.start("visual", run_visual, args.log_level, args=args, from_http=http_to_visual_r,
+                  to_router=visual_to_http_w, to_http=visual_to_http_w, cache_socket=socket_path, remote=remote)
+    return {"to_visual": http_to_visual_w, "from_visual": visual_to_http_r, "cache_socket": socket_path}
+
+
+async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends: dict,
+                     nodes: NodeWatch | None = None) -> None:
     from aiohttp import web
 
     from .embed_cache.service import CacheClient
@@ -100,8 +121,15 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     streams = Streams(family.tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
 
+    def dead() -> str | None:
+        return cluster.dead() or (nodes.lost if nodes is not None else None)
+
     def health() -> str | None:
-        return streams.failure or cluster.dead()
+        return streams.failure or dead()
+
+    def health_details() -> dict:
+        states = stats.get("visual", {}).get("remote_encoders")
+        return {"remote_encoders": {a: "up" if up else "down" for a, up in states.items()}} if states else {}
 
     def drain(conn, source: str) -> None:
         try:
@@ -126,7 +154,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
                      max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
-                     health=health, stats=stats, max_n=args.max_n, api_key=args.api_key)
+                     health=health, health_details=health_details, stats=stats, max_n=args.max_n, api_key=args.api_key)
     app = build_app(state, args.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
@@ -141,7 +169,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
 
     async def watch_children() -> None:
         while not stop.is_set():
-            reason = cluster.dead()
+            reason = dead()
             if reason and streams.failure is None:
                 log.error("worker failure: %s", reason)
                 streams.fail_all(reason)
@@ -176,9 +204,18 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PromptError, OSError, ValueError) as e:
         fail(f"cannot load {args.model_dir}: {e}")
     stop_ids = family.stop_token_ids()
+    if args.node_rank > 0:  # model ranks only, until node 0 goes away
+        sys.exit(run_node(args))
+    nodes = None
+    if args.nnodes > 1:
+        try:
+            nodes = NodeWatch(args.nccl_host, link_port(args), args.nnodes)
+        except OSError as e:
+            fail(f"node watchdog on port {link_port(args)}: {e}")
     cluster = new_cluster()
+    visual_only = args.run_mode == "visual_only"
     try:
-        ends = start_workers(args, cluster, family.config)
+        ends = (start_encoder_workers if visual_only else start_workers)(args, cluster, family.config)
     except StartupError as e:
         cluster.shutdown()
         fail(str(e))
@@ -188,7 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        uvloop.run(serve_http(args, cluster, family, stop_ids, ends))
+        if visual_only:
+            from .http.encoder_api import serve_encoder
+
+            uvloop.run(serve_encoder(args, cluster, family, ends))
+        else:
+            uvloop.run(serve_http(args, cluster, family, stop_ids, ends, nodes))
     except OSError as e:  # e.g. the port is taken
         fail(f"HTTP server: {e}")
     finally:

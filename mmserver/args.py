@@ -45,6 +45,13 @@ class ServerArgs:
     overlap_schedule: str = "auto"
     disable_dynamic_prompt_cache: bool = False
     log_level: str = "info"
+    run_mode: str = "normal"  # "visual_only": an encoder-only server (the vision side, serving POST /encode)
+    visual_remote: list[str] | None = None  # encoder-only servers (HOST:PORT) that encode this server's images
+    visual_remote_timeout: float = 30.0
+    nnodes: int = 1  # tensor parallelism across nodes: --tp ranks spread over --nnodes machines
+    node_rank: int = 0
+    nccl_host: str = "127.0.0.1"  # node 0's address: the ranks' rendezvous (and the node watchdog on nccl_port + 1)
+    nccl_port: int = 28765
     min_pixels: int | None = None  # Qwen2-VL's image pixel range (MIN_PIXELS / MAX_PIXELS for the family)
     max_pixels: int | None = None
     # From the environment (LightLLM's name), checked here so a bad value stops the start with
@@ -141,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
       help="do not keep finished requests' KV to reuse for prompts that start the same way (the prefix "
            "cache, keyed by token ids and image content; on by default)")
     a("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--run_mode", choices=["normal", "visual_only"], default="normal",
+      help="visual_only: an encoder-only server: loads only the vision encoder (--visual_dp × --visual_tp "
+           "workers, batching, its own embedding cache) and serves POST /encode to LLM servers started with "
+           "--visual_remote")
+    a("--visual_remote", type=_address_list, default=None,
+      help="comma-separated HOST:PORT of encoder-only servers: images are encoded there (least outstanding "
+           "work first) instead of by local ViT workers; implies --enable_multimodal")
+    a("--nnodes", type=int, default=1, help="machines the --tp ranks span (each holds --tp / --nnodes ranks)")
+    a("--node_rank", type=int, default=0,
+      help="this machine's index: 0 runs HTTP, the router and its ranks; the others run only model ranks")
+    a("--nccl_host", default="127.0.0.1",
+      help="node 0's address, reachable from every node: torch.distributed rendezvous on --nccl_port, node "
+           "watchdog on --nccl_port + 1")
+    a("--nccl_port", type=int, default=28765, help="rendezvous port on --nccl_host (the watchdog uses the next one)")
+    a("--visual_remote_timeout", type=float, default=30.0,
+      help="seconds a remote encoder has to answer one batch; past it the batch's requests get 503 and the "
+           "encoder leaves the rotation until its /health answers again")
     a("--min_pixels", type=int, default=None,
       help="Qwen2-VL: the server's image pixel range, low end (default: preprocessor_config.json); requests may "
            "only narrow the range")
@@ -154,6 +178,15 @@ def _domain_list(raw: str) -> list[str]:
     if not hosts:
         raise argparse.ArgumentTypeError("expected a comma-separated list of host names")
     return hosts
+
+
+def _address_list(raw: str) -> list[str]:
+    from .visual.remote import parse_addresses
+
+    try:
+        return parse_addresses(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def env_int(name: str, minimum: int = 1) -> int | None:
@@ -182,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
             os.environ[name] = str(value)  # the family reads it when built, in every process
     if args.api_key is None:
         args.api_key = os.environ.get("MMSERVER_API_KEY") or None
+    if args.visual_remote:
+        args.enable_multimodal = True
     check_args(args)
     return args
 
@@ -204,6 +239,20 @@ def check_args(a: ServerArgs) -> None:
             raise ArgError(f"{name} must be >= 1, got {value}")
     if not 0.0 < a.mem_fraction <= 1.0:
         raise ArgError(f"--mem_fraction must be in (0, 1], got {a.mem_fraction}")
+    if a.run_mode == "visual_only" and a.visual_remote:
+        raise ArgError("--run_mode visual_only and --visual_remote exclude each other (an encoder encodes itself)")
+    if a.visual_remote and (a.visual_dp > 1 or a.visual_tp > 1):
+        raise ArgError("--visual_dp / --visual_tp apply to the encoder-only servers, not with --visual_remote")
+    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+        raise ArgError(f"--node_rank must be in [0, --nnodes), got --node_rank {a.node_rank} --nnodes {a.nnodes}")
+    if a.tp % a.nnodes:
+        raise ArgError(f"--tp {a.tp} must be a multiple of --nnodes {a.nnodes}")
+    if a.nnodes > 1 and not 0 < a.nccl_port < 65535:
+        raise ArgError(f"--nccl_port must be in (0, 65535), got {a.nccl_port}")
+    if a.nnodes > 1 and a.run_mode == "visual_only":
+        raise ArgError("--run_mode visual_only runs no language model: --nnodes does not apply")
+    if a.visual_remote_timeout <= 0:
+        raise ArgError(f"--visual_remote_timeout must be > 0, got {a.visual_remote_timeout}")
     if a.image_fetch_timeout <= 0 or a.cache_wait_s < 0:
         raise ArgError("--image_fetch_timeout must be > 0 and --cache_wait_s >= 0")
     if a.api_key is not None and (not a.api_key.strip() or a.api_key != a.api_key.strip()):
@@ -219,7 +268,8 @@ def check_args(a: ServerArgs) -> None:
         import torch
 
         n = torch.cuda.device_count()
-        if a.tp > n:
-            raise ArgError(f"--tp {a.tp} needs {a.tp} GPUs, {n} visible")
+        per_node = a.tp // max(a.nnodes, 1)
+        if per_node > n and a.run_mode != "visual_only":
+            raise ArgError(f"--tp {a.tp} over {a.nnodes} node(s) needs {per_node} GPUs here, {n} visible")
         if a.visual_dp * a.visual_tp > n:
             raise ArgError(f"--visual_dp × --visual_tp = {a.visual_dp * a.visual_tp} exceeds the {n} visible GPUs")

@@ -168,6 +168,7 @@ class VisualStats:
     vit_batch_sizes: dict[int, int] = field(default_factory=dict)  # images per batch → batches
     ttft_visual_s: float = 0.0  # arrival here → forwarded to the router, summed over requests
     ttft_visual_n: int = 0
+    remote_encoders: dict[str, int] = field(default_factory=dict)  # --visual_remote address → 1 up / 0 down
 
 
 ToVisual = Submit | Abort

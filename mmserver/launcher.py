@@ -48,6 +48,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def _exit_when_orphaned(parent_pid: int, grace_s: float = 3.0) -> None:
+    """Backstop of PR_SET_PDEATHSIG: a child whose main thread sits in a collective (a model rank
+    waiting on a broadcast from a rank that will never send) cannot run its SIGTERM handler. A
+    thread notices the parent is gone and, after `grace_s` for the handler's cleanup, exits hard."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _set_process_name(name: str) -> None:
     """Shown by ps/top (and /proc/PID/comm), so operators can tell the workers apart."""
     try:
@@ -63,6 +78,7 @@ def _child_entry(name: str, target: Callable, kwargs: dict, status: Connection, 
     _set_process_name(name)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    _exit_when_orphaned(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwind, running cleanup code
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")

@@ -73,9 +73,10 @@ class Server:
     log_path: Path
     children: set[int] = field(default_factory=set)
 
-    def post(self, path: str, body, timeout: float = 120) -> tuple[int, dict]:
+    def post(self, path: str, body, timeout: float = 120, headers: dict | None = None) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read())
@@ -91,6 +92,10 @@ class Server:
                 return r.status, events
         except urllib.error.HTTPError as e:
             return e.code, [json.loads(e.read() or b"{}")]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def get(self, path: str) -> tuple[int, str]:
         try:

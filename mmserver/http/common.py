@@ -35,6 +35,7 @@ class AppState:
     max_n: int = 8  # most samples (`n`) one OpenAI request may ask for
     api_key: str | None = None  # when set, every route but /health and /metrics needs it
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    health_details: Callable[[], dict] | None = None  # more /health fields (e.g. each remote encoder's state)
 
 
 class Unauthorized(HTTPError):

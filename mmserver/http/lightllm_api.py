@@ -85,10 +85,12 @@ async def tokens(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    reason = request.config_dict["state"].health()
+    state: AppState = request.config_dict["state"]
+    reason = state.health()
+    details = state.health_details() if state.health_details is not None else {}
     if reason is None:
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": "unhealthy", "message": reason}, status=503)
+        return web.json_response({"status": "ok", **details})
+    return web.json_response({"status": "unhealthy", "message": reason, **details}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

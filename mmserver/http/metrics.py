@@ -135,6 +135,13 @@ class _SnapshotCollector:
         yield _counter("mmserver_vit_encode_seconds_total", "Seconds spent in the ViT forward (device time included)",
                        visual.get("vit_encode_seconds", 0.0))
         yield from _ttft_stages(c, router, visual)
+        if remote := visual.get("remote_encoders"):
+            up = GaugeMetricFamily("mmserver_remote_encoder_up",
+                                   "1 when a --visual_remote encoder is in rotation, 0 while it is out (retried)",
+                                   labels=["address"])
+            for address, state in sorted(remote.items()):
+                up.add_metric([address], state)
+            yield up
         batches = CounterMetricFamily("mmserver_vit_batches_total", "ViT batches by size (images)", labels=["size"])
         for size, n in sorted(visual.get("vit_batch_sizes", {}).items()):
             batches.add_metric([str(size)], n)

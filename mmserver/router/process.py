@@ -106,8 +106,8 @@ def _load_llm(args: ServerArgs, tp_rank: int, init_method: str):
     from ..models.registry import load_family
     device = args.resolved_device
     tp = init_tp(tp_rank, args.tp, init_method)
-    if device == "cuda":
-        torch.cuda.set_device(tp_rank % torch.cuda.device_count())
+    if device == "cuda":  # this node's GPUs hold its ranks in order (--nnodes: tp / nnodes ranks per node)
+        torch.cuda.set_device((tp_rank % (args.tp // args.nnodes)) % torch.cuda.device_count())
         device = f"cuda:{torch.cuda.current_device()}"
     family = load_family(args.model_dir)
     dtype = args.compute_dtype(family.config.torch_dtype)

@@ -80,8 +80,16 @@ def run_vit_follower(ready, args, dp_rank: int, tp_rank: int, init_method: str) 
 
 def run_visual(ready, args, from_http: Connection, to_router: Connection, to_http: Connection, cache_socket: str,
                remote: list[tuple[Connection, Connection]]) -> None:
-    """The visual server. With `remote` worker pipes it only schedules; otherwise it runs the ViT itself."""
-    if remote:
+    """The visual server. With `remote` worker pipes (or --visual_remote encoders) it only
+    schedules; otherwise it runs the ViT itself."""
+    if args.visual_remote:
+        from ..models.registry import load_family
+        from .remote import RemoteEncoders
+
+        cfg = load_family(args.model_dir).config
+        workers = [RemoteEncoders(args.visual_remote, cfg.llm.hidden_size, args.compute_dtype(cfg.torch_dtype),
+                                  args.api_key, args.visual_remote_timeout)]
+    elif remote:
         workers = [RemoteWorker(to_w, from_w) for to_w, from_w in remote]
     else:
         family, encoder = _load_encoder(args)

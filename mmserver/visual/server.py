@@ -161,7 +161,8 @@ class VisualServer:
 
     def _fail(self, record_id: int, kind: str, message: str) -> None:
         """Fail every request waiting for this image, straight to HTTP: "invalid" (undecodable
-        bytes) ends in a 400, naming the image's index in each request, "error" in a 500."""
+        bytes) ends in a 400, naming the image's index in each request, "unavailable" (no
+        remote encoder could take it) in a 503, "error" in a 500."""
         log.log(logging.INFO if kind == "invalid" else logging.WARNING, "image record %d failed (%s): %s",
                 record_id, kind, message)
         for req_id in self.waiters.pop(record_id, []):
@@ -170,6 +171,8 @@ class VisualServer:
             index = next((i for i, r in enumerate(req.images) if r.record_id == record_id), 0)
             if kind == "invalid":
                 self.to_http.send(Failure(req_id, "invalid", f"image {index}: {message}"))
+            elif kind == "unavailable":
+                self.to_http.send(Failure(req_id, "unavailable", f"image {index}: {message}"))
             else:
                 self.to_http.send(Failure(req_id, "error", f"image {index} could not be encoded: {message}"))
 
@@ -190,5 +193,8 @@ def serve_forever(server: VisualServer, from_http: Connection) -> None:
         server.dispatch()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
+            for w in server.workers:
+                if hasattr(w, "states"):  # remote encoders: their up/down state for /health and /metrics
+                    server.stats.remote_encoders = w.states()
             server.to_http.send(server.stats)
             last_stats = now
