@@ -54,6 +54,7 @@ class ServerArgs:
     nccl_port: int = 28765
     min_pixels: int | None = None  # Qwen2-VL's image pixel range (MIN_PIXELS / MAX_PIXELS for the family)
     max_pixels: int | None = None
+    chat_template: str | None = None  # a template name or jinja file over the model's own (every process)
     # From the environment (LightLLM's name), checked here so a bad value stops the start with
     # its name; the loaders pass it to the weight reader. A model family reads its own
     # variables when it is built (models/<family>/family.py).
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
            "only narrow the range")
     a("--max_pixels", type=int, default=None,
       help="Qwen2-VL: the range's high end (default: preprocessor_config.json, 16384 tokens on the hub: cap it)")
+    a("--chat_template", default=None, metavar="NAME|FILE",
+      help="chat template over the model's own: llava-v1, vicuna, mistral, chatml, base (LMDeploy's names) "
+           "or a jinja template file")
     return p
 
 
@@ -213,6 +217,19 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
             if value < 1:
                 raise ArgError(f"--{name.lower()} must be >= 1, got {value}")
             os.environ[name] = str(value)  # the family reads it when built, in every process
+    if args.chat_template is not None:
+        from .models.chat_templates import ENV, ChatOverride
+        from .models.errors import ConfigError
+
+        name = args.chat_template
+        if os.path.isfile(name):
+            name = os.path.abspath(name)
+        try:
+            ChatOverride(name)
+        except ConfigError as e:
+            raise ArgError(f"--chat_template: {e}") from None
+        args.chat_template = name
+        os.environ[ENV] = name  # the family reads it when built, in every process
     if args.api_key is None:
         args.api_key = os.environ.get("MMSERVER_API_KEY") or None
     if args.visual_remote:

@@ -10,6 +10,12 @@
     for out in pipe.stream_infer(("describe", img)): print(out.text, end="")
     pipe.generate("<image>\\nDescribe.", images=[img])  # a raw prompt: no template
 
+LMDeploy's options (`mmserver.messages`) are accepted as they are:
+
+    pipe = pipeline(model_dir, backend_config=TurbomindEngineConfig(session_len=8192, max_batch_size=16),
+                    chat_template_config=ChatTemplateConfig(model_name="llava-v1", system="Be brief."),
+                    vision_config=VisionConfig(max_batch_size=8))
+
 An image is a PIL image, a path, bytes, an http(s) or `data:image/…;base64,` URL, or a
 `[n_tokens, hidden]` embeddings tensor (torch, or any DLPack tensor) that stands in for it
 (see `frontend/embeds.py`). The model code and the engine are the ones the server's
@@ -34,6 +40,7 @@ from .engine.engine import Engine, EngineConfig, StepOutput
 from .engine.sampling import SamplingParams
 from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
+from .messages import ChatTemplateConfig, EngineOptions, VisionConfig
 from .models.errors import ImageError, PromptError
 from .models.family import ModelFamily, Span, VisionInput
 from .models.registry import load_family
@@ -187,11 +194,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, checkpoint_dtype: str) 
 
 class Pipeline:
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
-                 engine_config: EngineConfig | None = None, progress: bool = True):
+                 engine_config: EngineConfig | None = None, progress: bool = True,
+                 backend_config: EngineOptions | None = None, chat_template_config: ChatTemplateConfig | None = None,
+                 vision_config: VisionConfig | None = None):
         from .args import env_int
+        from .models.chat_templates import ChatOverride
 
         self.model_dir = Path(model_dir)
         self.family = load_family(self.model_dir)
+        if chat_template_config is not None:
+            self.family.chat_override = ChatOverride(chat_template_config.model_name, chat_template_config.system)
+        self.session_len = backend_config.session_len if backend_config is not None else None
+        self.vision_batch = vision_config.max_batch_size if vision_config is not None else 0
         self.cfg = self.family.config
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, self.cfg.torch_dtype)
@@ -202,6 +216,8 @@ class Pipeline:
         self.stop_token_ids = self.family.stop_token_ids()
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
+        if backend_config is not None:
+            engine_config = _engine_config(backend_config, engine_config, self.model.llm, self.device)
         self.engine = Engine(self.model.llm, engine_config or EngineConfig(), tokenizer=self.tokenizer)
 
     # ----------------------------------------------------------------------------------
@@ -316,6 +332,11 @@ class Pipeline:
         params.validate()
         options = gen.image_options()  # the request's image options, for the family
         prepared = [self._prepare(prompt, imgs, options) for prompt, imgs in requests]
+        if self.session_len is not None:
+            for p in prepared:
+                if len(p.ids) + params.max_new_tokens > self.session_len:
+                    raise ValueError(f"prompt ({len(p.ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                                     f"{len(p.ids) + params.max_new_tokens} exceeds session_len {self.session_len}")
         return self._generate(prepared, params, gen)
 
     def _generate(self, prepared: list[_Prepared], params: SamplingParams,
@@ -345,7 +366,9 @@ class Pipeline:
         """Each image's embedding rows [n_tokens, hidden]: given ones as they are, the others
         encoded together (one encoder batch stream for the whole call)."""
         inputs = [v.input for v in visuals if v.embeds is None]
-        feats = iter(self.model.vision.encode_images(inputs) if inputs else [])
+        step = self.vision_batch or max(len(inputs), 1)
+        feats = iter([f for i in range(0, len(inputs), step)
+                      for f in self.model.vision.encode_images(inputs[i:i + step])])
         return [v.embeds.to(self.device) if v.embeds is not None else next(feats) for v in visuals]
 
     def image_inputs(self, ids: list[int], rows: list[torch.Tensor], spans: Sequence[Span] | None = None,
@@ -482,8 +505,56 @@ def _copy_params(params: SamplingParams) -> SamplingParams:
     return SamplingParams(**{f.name: getattr(params, f.name) for f in fields(SamplingParams)})
 
 
+def _engine_config(opts: EngineOptions, base: EngineConfig | None, llm, device: str) -> EngineConfig:
+    """LMDeploy's backend options as the engine's knobs (over `base`, the keyword ones)."""
+    cfg = base or EngineConfig()
+    if opts.tp > 1:
+        raise NotImplementedError(f"tp={opts.tp} in pipeline() is not supported yet: the pipeline runs one rank "
+                                  "(serve with `python -m mmserver.api_server --tp N` for tensor parallelism)")
+    if opts.session_len is not None:
+        cfg.max_req_len = opts.session_len
+        cfg.max_total_tokens = max(cfg.max_total_tokens, opts.session_len)
+    if opts.max_batch_size is not None:
+        cfg.max_requests = opts.max_batch_size
+    if opts.max_prefill_token_num is not None:
+        cfg.batch_max_tokens = opts.max_prefill_token_num
+    cfg.disable_dynamic_prompt_cache = not opts.enable_prefix_caching
+    share = opts.cache_max_entry_count
+    if share > 1:
+        cfg.max_total_tokens = int(share)
+    elif device.startswith("cuda"):  # LMDeploy: this share of the free memory after the weights
+        free, _ = torch.cuda.mem_get_info()
+        c = llm.cfg
+        per_token = 2 * c.num_layers * llm.num_kv_heads * c.head_dim * llm.dtype.itemsize
+        cfg.max_total_tokens = max(int(free * share) // per_token, cfg.max_req_len)
+    if cfg.max_req_len > cfg.max_total_tokens:
+        raise ValueError(f"session_len {cfg.max_req_len} needs more KV slots than the cache holds "
+                         f"({cfg.max_total_tokens}); raise cache_max_entry_count")
+    return cfg
+
+
 def pipeline(model_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
+             backend_config: EngineOptions | None = None, chat_template_config: ChatTemplateConfig | None = None,
+             vision_config: VisionConfig | None = None, log_level: str | None = None,
              **engine_kwargs: Any) -> Pipeline:
-    """Load a checkpoint for in-process generation. Extra keyword arguments set EngineConfig fields."""
+    """Load a checkpoint for in-process generation. `backend_config` / `chat_template_config` /
+    `vision_config` are LMDeploy's (see `mmserver.messages`); extra keyword arguments set
+    EngineConfig fields (an unknown one is an error naming it)."""
+    names = {f.name for f in fields(EngineConfig)}
+    unknown = sorted(set(engine_kwargs) - names)
+    if unknown:
+        raise TypeError(f"pipeline(): unknown option(s) {', '.join(unknown)}; known: backend_config, "
+                        f"chat_template_config, vision_config, log_level, {', '.join(sorted(names))}")
+    for value, cls, name in ((backend_config, EngineOptions, "backend_config"),
+                             (chat_template_config, ChatTemplateConfig, "chat_template_config"),
+                             (vision_config, VisionConfig, "vision_config")):
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(f"pipeline(): {name} must be a {cls.__name__}, got {type(value).__name__}")
+    if log_level is not None:
+        import logging
+
+        logging.getLogger("mmserver").setLevel(log_level.upper())
     return Pipeline(model_dir, device=device, dtype=dtype,
-                    engine_config=EngineConfig(**engine_kwargs) if engine_kwargs else None)
+                    engine_config=EngineConfig(**engine_kwargs) if engine_kwargs else None,
+                    backend_config=backend_config, chat_template_config=chat_template_config,
+                    vision_config=vision_config)

@@ -5,6 +5,17 @@
                            scripts/make_tiny_internvl.py's command line, unchanged
     --family qwen2_vl      Qwen2-VL   (Qwen2VLForConditionalGeneration)
     --family qwen2_5_vl    Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)
+    --family llava         LLaVA-1.5  (LlavaForConditionalGeneration, as llava-hf/llava-1.5-7b-hf)
+    --family llava_next    LLaVA-NeXT (LlavaNextForConditionalGeneration, as llava-hf/llava-v1.6-*-hf)
+
+LLaVA checkpoints (`--backbone vicuna|mistral`) are written in the llava-hf layout: a config.json
+with sparse `text_config` / `vision_config` (class defaults filled by the loader), a CLIP
+ViT-L/336 geometry (336 px, 14 px patches: 576 tokens per tile) at tiny widths, the llava-hf
+preprocessor_config.json / processor_config.json / chat_template.json, and safetensors named
+`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`,
+`language_model.lm_head.weight` (`--key-style v5`: `model.vision_tower.*`, …, `lm_head.weight`).
+The tokenizer is byte-level BPE with the LLaMA specials (`<unk>` 0, `<s>` 1, `</s>` 2, BOS added)
+and `<image>` 32000, `<pad>` 32001 as added tokens, vocabulary 32064, as the real ones.
 
 Qwen2-VL / Qwen2.5-VL checkpoints are written as the hub's are (transformers 4.45–4.49 saves):
 a flat `config.json` whose `vision_config` is sparse (the loader must fill the class defaults),
@@ -37,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("internvl", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("internvl", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 SIZES = {"qwen2_vl": ("tiny", "2b", "7b"), "qwen2_5_vl": ("tiny", "3b", "7b")}
@@ -322,10 +333,277 @@ def make_qwen_vl(out_dir: str, family: str = "qwen2_vl", size: str = "tiny", see
     return out_dir
 
 
+# --------------------------------------------------------------------------- LLaVA
+
+LLAVA_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+LLAVA_BACKBONES = ("vicuna", "mistral")
+LLAVA_IMAGE_ID, LLAVA_PAD_ID, LLAVA_VOCAB = 32000, 32001, 32064
+LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# llava-hf/llava-1.5-7b-hf's chat_template.json (also the vicuna LLaVA-NeXT's "USER: … ASSISTANT:" form)
+LLAVA_VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# llava-hf/llava-v1.6-mistral-7b-hf's: Mistral [INST] turns, images first in a turn
+LLAVA_MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ ' ' + content['text'] + '</s>' }}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class LlavaDims:
+    family: str  # llava | llava_next
+    backbone: str  # vicuna (LLaMA) | mistral
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    mlp: int = 128
+    vocab: int = LLAVA_VOCAB
+    vit_width: int = 32
+    vit_layers: int = 3  # vision_feature_layer -2: the last one is not used
+    vit_heads: int = 4
+    vit_mlp: int = 64
+    image_size: int = 336
+    patch: int = 14
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def llava_dims(family: str, backbone: str) -> LlavaDims:
+    if family not in LLAVA_ARCHITECTURES or backbone not in LLAVA_BACKBONES:
+        raise ValueError(f"unknown LLaVA family {family!r} / backbone {backbone!r}")
+    return LlavaDims(family, backbone, kv_heads=2 if backbone == "mistral" else 4)
+
+
+def llava_canons(d: LlavaDims) -> list:
+    """Every tensor under its llava-hf (legacy) name."""
+    Canon = internvl_generator().Canon
+    c, v = d.vit_width, "vision_tower.vision_model."
+    n_pos = (d.image_size // d.patch) ** 2 + 1
+    out = [Canon(v + "embeddings.class_embedding", (c,), "embed"),
+           Canon(v + "embeddings.patch_embedding.weight", (c, 3, d.patch, d.patch), "linear"),
+           Canon(v + "embeddings.position_embedding.weight", (n_pos, c), "embed"),
+           Canon(v + "pre_layrnorm.weight", (c,), "norm"), Canon(v + "pre_layrnorm.bias", (c,), "bias")]
+    for i in range(d.vit_layers):
+        p = f"{v}encoder.layers.{i}."
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            out += [Canon(f"{p}self_attn.{name}.weight", (c, c), "linear"), Canon(f"{p}self_attn.{name}.bias", (c,), "bias")]
+        out += [Canon(p + "layer_norm1.weight", (c,), "norm"), Canon(p + "layer_norm1.bias", (c,), "bias"),
+                Canon(p + "mlp.fc1.weight", (d.vit_mlp, c), "linear"), Canon(p + "mlp.fc1.bias", (d.vit_mlp,), "bias"),
+                Canon(p + "mlp.fc2.weight", (c, d.vit_mlp), "linear"), Canon(p + "mlp.fc2.bias", (c,), "bias"),
+                Canon(p + "layer_norm2.weight", (c,), "norm"), Canon(p + "layer_norm2.bias", (c,), "bias")]
+    out += [Canon(v + "post_layernorm.weight", (c,), "norm"), Canon(v + "post_layernorm.bias", (c,), "bias")]
+    h, hd = d.hidden, d.head_dim
+    out += [Canon("multi_modal_projector.linear_1.weight", (h, c), "linear"),
+            Canon("multi_modal_projector.linear_1.bias", (h,), "bias"),
+            Canon("multi_modal_projector.linear_2.weight", (h, h), "linear"),
+            Canon("multi_modal_projector.linear_2.bias", (h,), "bias")]
+    if d.family == "llava_next":
+        out.append(Canon("image_newline", (h,), "embed"))
+    p0 = "language_model.model."
+    out.append(Canon(p0 + "embed_tokens.weight", (d.vocab, h), "embed"))
+    for i in range(d.layers):
+        p = f"{p0}layers.{i}."
+        out += [Canon(p + "self_attn.q_proj.weight", (d.heads * hd, h), "linear"),
+                Canon(p + "self_attn.k_proj.weight", (d.kv_heads * hd, h), "linear"),
+                Canon(p + "self_attn.v_proj.weight", (d.kv_heads * hd, h), "linear"),
+                Canon(p + "self_attn.o_proj.weight", (h, d.heads * hd), "linear"),
+                Canon(p + "mlp.gate_proj.weight", (d.mlp, h), "linear"),
+                Canon(p + "mlp.up_proj.weight", (d.mlp, h), "linear"),
+                Canon(p + "mlp.down_proj.weight", (h, d.mlp), "linear"),
+                Canon(p + "input_layernorm.weight", (h,), "norm"),
+                Canon(p + "post_attention_layernorm.weight", (h,), "norm")]
+    out += [Canon(p0 + "norm.weight", (h,), "norm"), Canon("language_model.lm_head.weight", (d.vocab, h), "linear")]
+    return out
+
+
+def llava_v5_key(legacy: str) -> str:
+    """llava-hf key -> the name transformers >= 4.52 keeps in memory (and saves)."""
+    if legacy == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    if legacy.startswith("language_model.model."):
+        return "model.language_model." + legacy[len("language_model.model."):]
+    return "model." + legacy
+
+
+def llava_config(d: LlavaDims, dtype: str) -> dict:
+    """llava-hf's config.json: sparse sections (the class defaults fill the rest)."""
+    if d.backbone == "mistral":
+        text = {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral", "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                "sliding_window": None}
+    else:
+        text = {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama", "max_position_embeddings": 4096}
+    text.update(hidden_size=d.hidden, intermediate_size=d.mlp, num_hidden_layers=d.layers,
+                num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, rms_norm_eps=1e-5, torch_dtype=dtype,
+                vocab_size=d.vocab)
+    cfg = {
+        "architectures": [LLAVA_ARCHITECTURES[d.family]],
+        "ignore_index": -100,
+        "image_token_index": LLAVA_IMAGE_ID,
+        "model_type": d.family,
+        "pad_token_id": LLAVA_PAD_ID,
+        "projector_hidden_act": "gelu",
+        "text_config": text,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "transformers_version": "4.39.0.dev0",
+        "vision_config": {"hidden_size": d.vit_width, "image_size": d.image_size, "intermediate_size": d.vit_mlp,
+                          "model_type": "clip_vision_model", "num_attention_heads": d.vit_heads,
+                          "num_hidden_layers": d.vit_layers, "patch_size": d.patch, "projection_dim": 768,
+                          "vocab_size": 32000},
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": d.vocab,
+    }
+    if d.family == "llava_next":
+        cfg["image_grid_pinpoints"] = LLAVA_PINPOINTS
+        cfg["use_image_newline_parameter"] = True
+    return cfg
+
+
+def llava_preprocessor_config(d: LlavaDims, pad: bool) -> dict:
+    pp = {"crop_size": {"height": d.image_size, "width": d.image_size}, "do_center_crop": True,
+          "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+          "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3, "rescale_factor": 1 / 255,
+          "size": {"shortest_edge": d.image_size}}
+    if d.family == "llava_next":
+        pp.update(aspect_ratio_setting="anyres", image_grid_pinpoints=LLAVA_PINPOINTS,
+                  image_processor_type="LlavaNextImageProcessor", processor_class="LlavaNextProcessor")
+    elif pad:  # LlavaImageProcessor: pad to a square (CLIP mean) before the resize
+        pp.update(do_pad=True, image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor")
+    else:
+        pp.update(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor")
+    return pp
+
+
+def llava_vocab() -> tuple[dict[str, int], list]:
+    """LLaMA ids: <unk> <s> </s>, bytes, merges, fillers to 32064; <image> 32000, <pad> 32001."""
+    mk = internvl_generator()
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": LLAVA_IMAGE_ID, "<pad>": LLAVA_PAD_ID}
+    vocab, taken, next_id = dict(specials), set(specials.values()), 0
+    symbols = mk._byte_symbols()
+    merges = mk.learn_merges(mk.MERGE_CORPUS)
+    fillers = mk._filler_tokens(symbols)
+
+    def add(token: str) -> None:
+        nonlocal next_id
+        if token in vocab:
+            return
+        while next_id in taken:
+            next_id += 1
+        vocab[token] = next_id
+        taken.add(next_id)
+
+    for tok in [*symbols, *(a + b for a, b in merges)]:
+        add(tok)
+    while len(vocab) < LLAVA_VOCAB:
+        add(next(fillers))
+    assert sorted(vocab.values()) == list(range(LLAVA_VOCAB))
+    return vocab, merges
+
+
+def write_llava_tokenizer(out: Path, template: str) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    mk = internvl_generator()
+    vocab, merges = llava_vocab()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                       special_tokens=[("<s>", 1)])
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(out / "tokenizer.json"))
+    decoder = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": True} for t in specials}
+    roles = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    mk._write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": decoder, **roles,
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False, "chat_template": template})
+    mk._write_json(out / "special_tokens_map.json", {**roles, "additional_special_tokens": ["<image>"]})
+    mk._write_json(out / "chat_template.json", {"chat_template": template})
+
+
+def make_llava(out_dir: str, family: str = "llava", backbone: str = "vicuna", seed: int = 0, dtype: str = "float32",
+               key_style: str = "legacy", pad: bool = False, shard_bytes: int | None = None,
+               device: str = "cpu") -> str:
+    """Write a random-weight tiny LLaVA-1.5 / LLaVA-NeXT checkpoint into `out_dir` and return it."""
+    mk = internvl_generator()
+    if dtype not in mk.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if key_style not in ("legacy", "v5"):
+        raise ValueError(f"unknown key style {key_style!r}")
+    d = llava_dims(family, backbone)
+    torch_dtype = mk.DTYPES[dtype]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    canons = llava_canons(d)
+    rename = llava_v5_key if key_style == "v5" else (lambda k: k)
+    tensors = [mk.OutTensor(rename(c.name), c.shape, c.name) for c in canons]
+    if shard_bytes is None:
+        shard_bytes = sum(mk._nbytes(x.shape, torch_dtype) for x in tensors) // 2  # >= 2 shards
+    mk.write_weights(out, tensors, canons, seed, torch_dtype, shard_bytes, progress=False, device=device)
+    mk._write_json(out / "config.json", llava_config(d, dtype))
+    mk._write_json(out / "preprocessor_config.json", llava_preprocessor_config(d, pad))
+    mk._write_json(out / "processor_config.json", {
+        "image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": d.patch,
+        "processor_class": "LlavaNextProcessor" if family == "llava_next" else "LlavaProcessor",
+        "vision_feature_select_strategy": "default"})
+    mk._write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": LLAVA_PAD_ID})
+    write_llava_tokenizer(out, LLAVA_MISTRAL_TEMPLATE if backbone == "mistral" else LLAVA_VICUNA_TEMPLATE)
+    args = ["python", "scripts/make_tiny_checkpoint.py", "--family", family, "--out", out_dir, "--backbone", backbone,
+            "--seed", str(seed), "--dtype", dtype, "--key-style", key_style] + (["--pad"] if pad else [])
+    (out / "README.md").write_text(
+        f"# Random-weight {LLAVA_ARCHITECTURES[family]} checkpoint ({backbone})\n\n"
+        "RANDOM weights and a synthetic byte-level tokenizer (real special-token ids): for testing\n"
+        "loaders and serving code only; its outputs are meaningless.\n\n"
+        f"Made with:\n\n```\n{shlex.join(args)}\n```\n", encoding="utf-8")
+    return out_dir
+
+
+def llava_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description="Write a random-weight tiny LLaVA-1.5 / LLaVA-NeXT checkpoint")
+    p.add_argument("--family", choices=tuple(LLAVA_ARCHITECTURES), required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--backbone", choices=LLAVA_BACKBONES, default="vicuna")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--key-style", choices=["legacy", "v5"], default="legacy",
+                   help="legacy: language_model.model.* (llava-hf); v5: model.language_model.* + lm_head.weight")
+    p.add_argument("--pad", action="store_true", help="LLaVA-1.5: pad to a square instead of the center crop")
+    p.add_argument("--shard-bytes", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    print(f"wrote {make_llava(a.out, a.family, a.backbone, a.seed, a.dtype, a.key_style, a.pad, a.shard_bytes, a.device)}")
+    return 0
+
+
 def make_checkpoint(out_dir: str, family: str = "internvl", **kw) -> str:
     """One entry point for every family: InternVL takes make_tiny_internvl's keywords."""
     if family == "internvl":
         return internvl_generator().make_checkpoint(out_dir, **kw)
+    if family in LLAVA_ARCHITECTURES:
+        return make_llava(out_dir, family=family, **kw)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     return make_qwen_vl(out_dir, family=family, **kw)
@@ -344,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = first.parse_known_args(argv)
     if known.family == "internvl":
         return internvl_generator().main(rest)
+    if known.family in LLAVA_ARCHITECTURES:
+        return llava_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, default="internvl")
     p.add_argument("--out", required=True, help="output directory")

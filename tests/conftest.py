@@ -71,6 +71,25 @@ def qwen_checkpoints(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def llava_checkpoints(tmp_path_factory):
+    """Lazily-built tiny LLaVA-1.5 / LLaVA-NeXT checkpoints keyed by (family, backbone, seed,
+    other make_llava keywords: key_style, pad)."""
+    made: dict[tuple, Path] = {}
+    base = tmp_path_factory.mktemp("llava_ckpt")
+    make = _load_all_families_generator().make_llava
+
+    def get(family: str = "llava", backbone: str = "vicuna", seed: int = 0, **kw) -> Path:
+        key = (family, backbone, seed, tuple(sorted(kw.items())))
+        if key not in made:
+            out = base / f"{family}-{backbone}-{seed}" / str(len(made))
+            make(str(out), family=family, backbone=backbone, seed=seed, dtype="float32", **kw)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     # Smooth structure plus noise, so resizing matters and tiles differ.

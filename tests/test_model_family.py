@@ -34,10 +34,10 @@ def test_registry_picks_internvl_for_both_layouts(checkpoints, layout):
 
 
 def _unsupported(ckpt: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "llava"
+    d = tmp_path / "paligemma"
     shutil.copytree(ckpt, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(architectures=["LlavaForConditionalGeneration"], model_type="llava")
+    cfg.update(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma")
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 
@@ -46,7 +46,7 @@ def test_registry_refuses_an_unknown_architecture(ckpt, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_family(_unsupported(ckpt, tmp_path))
     msg = str(e.value)
-    assert "LlavaForConditionalGeneration" in msg
+    assert "PaliGemmaForConditionalGeneration" in msg
     assert "supported: InternVLChatModel, InternVLForConditionalGeneration" in msg
 
 
@@ -56,7 +56,7 @@ def test_server_refuses_an_unknown_architecture(ckpt, tmp_path):
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode != 0
     assert "start-up failed" in proc.stderr
-    assert "LlavaForConditionalGeneration" in proc.stderr and "InternVLChatModel" in proc.stderr
+    assert "PaliGemmaForConditionalGeneration" in proc.stderr and "InternVLChatModel" in proc.stderr
 
 
 # --------------------------------------------------------------------------- prompts

@@ -20,6 +20,7 @@ Which process calls what:
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -109,9 +110,30 @@ class ModelFamily(ABC):
     env_help: ClassVar[str] = ""
 
     def __init__(self, model_dir: str | os.PathLike, trust_remote_code: bool = False):
+        from .chat_templates import from_env
+
         self.model_dir = Path(model_dir)
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
+        # A template chosen by name or file (--chat_template, ChatTemplateConfig) over the
+        # family's own: every subclass's render_chat goes through it (see __init_subclass__).
+        self.chat_override = from_env()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("render_chat")
+        if own is None or getattr(own, "__isabstractmethod__", False) or getattr(own, "_takes_override", False):
+            return
+
+        @functools.wraps(own)
+        def render_chat(self, messages, add_generation_prompt=True):
+            if self.chat_override is None:
+                return own(self, messages, add_generation_prompt)
+            return self.chat_override.render(messages, add_generation_prompt, self.image_placeholder,
+                                             lambda m, g: own(self, m, g))
+
+        render_chat._takes_override = True
+        cls.render_chat = render_chat
 
     # ----------------------------------------------------------------- config and loading
 

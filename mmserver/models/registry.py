@@ -18,6 +18,7 @@ import torch
 from .errors import ConfigError
 from .family import LoadedModel, ModelFamily
 from .internvl.family import InternVLFamily
+from .llava.family import LlavaFamily
 from .qwen2_vl.family import QwenVLFamily
 
 
@@ -38,6 +39,8 @@ FAMILIES: tuple[Entry, ...] = (
     Entry(InternVLFamily, ("InternVLChatModel", "InternVLForConditionalGeneration"), ("internvl_chat", "internvl")),
     Entry(QwenVLFamily, ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",)),
     Entry(QwenVLFamily, ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",)),
+    Entry(LlavaFamily, ("LlavaForConditionalGeneration",), ("llava",)),
+    Entry(LlavaFamily, ("LlavaNextForConditionalGeneration",), ("llava_next",)),
 )
 
 
