@@ -1,14 +1,18 @@
 """The real server on a tiny Qwen2.5-VL checkpoint (CPU) gives the pipeline's tokens (itself equal
 to transformers, test_qwen2_vl.py): /generate and /v1/chat/completions alone, 4 and 16 requests at
 once (mixed image sizes), request- and image-level min_pixels / max_pixels (a widening one is a
-400 naming it). Each runs on two servers: a plain one, and one with --tp 2 --visual_tp 2
---overlap_schedule on and a --batch_max_tokens that cuts images in two."""
+400 naming it), and precomputed embeddings with their grid_thw. Each runs on two servers: a
+plain one, and one with --tp 2 --visual_tp 2 --overlap_schedule on and a --batch_max_tokens
+that cuts images in two."""
 
 from __future__ import annotations
 
+import base64
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+from safetensors.torch import save
 
 from conftest import random_image
 from mmserver import GenerationConfig, pipeline
@@ -147,6 +151,66 @@ def test_generate_pixel_options(server, qpipe):
         body["multimodal_params"]["images"][1].update(item)
         status, got = server.post("/generate", body)
         assert status == 400 and name in got["message"], (params, item, got)
+
+
+def _embeds_b64(qpipe, img) -> tuple[str, list[int]]:
+    """The image's rows from the pipeline's own ViT, as the server takes them, and its grid."""
+    x = qpipe.family.preprocess(img, qpipe.family.image_options({}, {}), normalize=True)
+    [rows] = qpipe.model.vision.encode_images([x])
+    return base64.b64encode(save({"embeds": rows.contiguous()})).decode(), list(x.grid)
+
+
+def test_precomputed_embeddings_with_grid(server, qpipe):
+    """Embeddings + grid_thw give the tokens of the same image sent as pixels (/generate, chat
+    and the pipeline); a missing or mismatching grid is a 400 naming grid_thw."""
+    img = random_image(300, 250, 9)
+    data, grid = _embeds_b64(qpipe, img)
+    prompt = qpipe.family.render_chat([{"role": "user", "content": "<image>Describe."}])
+    want = qpipe.generate(prompt, images=[img], gen_config=_gen())
+    body = gen_body(prompt, max_new_tokens=N, ignore_eos=True, return_details=True)
+    body["multimodal_params"] = {"images": [{"type": "embeds", "data": data, "grid_thw": grid}]}
+    status, got = server.post("/generate", body)
+    assert status == 200, got
+    assert _ids(got) == want.token_ids and got["prompt_tokens"] == want.prompt_tokens
+
+    part = {"type": "image_embeds", "image_embeds": data, "grid_thw": grid}
+    chat = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}],
+            "max_tokens": N, "ignore_eos": True, "temperature": 0}
+    status, got = server.post("/v1/chat/completions", chat)
+    assert status == 200, got
+    local = qpipe([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
+                                                {"type": "text", "text": "Describe."}]}], _gen())
+    assert got["choices"][0]["message"]["content"] == local.text
+
+    for bad, msg in [(None, "is required"), ([1, grid[1], grid[2] + 2], "rows"), ([1, 4], "three positive")]:
+        given = {} if bad is None else {"grid_thw": bad}
+        body["multimodal_params"] = {"images": [{"type": "embeds", "data": data, **given}]}
+        status, got = server.post("/generate", body)
+        assert status == 400 and "multimodal_params.images[0].grid_thw" in got["message"] \
+            and msg in got["message"], got
+        chat["messages"][0]["content"][0] = {"type": "image_embeds", "image_embeds": data, **given}
+        status, got = server.post("/v1/chat/completions", chat)
+        assert status == 400 and got["error"]["param"] == "messages[0].content[0].grid_thw", got
+
+
+def test_pipeline_embeddings_with_grid(qpipe):
+    img = random_image(230, 150, 10)
+    x = qpipe.family.preprocess(img, qpipe.family.image_options({}, {}), normalize=True)
+    [rows] = qpipe.model.vision.encode_images([x])
+    want = qpipe(("Describe.", img), _gen())
+    for source in [(rows, list(x.grid)), (rows, torch.tensor(x.grid)), {"embeds": rows, "grid_thw": x.grid}]:
+        assert qpipe(("Describe.", source), _gen()).token_ids == want.token_ids
+        assert qpipe(("Describe.", [source]), _gen()).token_ids == want.token_ids
+    prompt = qpipe.family.render_chat([{"role": "user", "content": "<image>Describe."}])
+    assert qpipe.generate(prompt, images=(rows, list(x.grid)), gen_config=_gen()).token_ids == \
+        qpipe.generate(prompt, images=[img], gen_config=_gen()).token_ids
+    msg = [{"role": "user", "content": [{"type": "image_embeds", "image_embeds": rows, "grid_thw": list(x.grid)},
+                                        {"type": "text", "text": "Describe."}]}]
+    assert qpipe(msg, _gen()).token_ids == want.token_ids
+    with pytest.raises(ValueError, match="grid_thw is required"):
+        qpipe(("Describe.", rows), _gen())
+    with pytest.raises(ValueError, match="grid_thw"):
+        qpipe(("Describe.", (rows, [1, 2, 2])), _gen())
 
 
 def test_max_pixels_flag(qdir, tmp_path):
