@@ -18,7 +18,8 @@ LMDeploy's options (`mmserver.messages`) are accepted as they are:
 
 An image is a PIL image, a path, bytes, an http(s) or `data:image/…;base64,` URL, or a
 `[n_tokens, hidden]` embeddings tensor (torch, or any DLPack tensor) that stands in for it
-(see `frontend/embeds.py`). The model code and the engine are the ones the server's
+(see `frontend/embeds.py`); Qwen2-VL's embeddings carry their grid: `(tensor, [t, h, w])` or
+`{"embeds": tensor, "grid_thw": [t, h, w]}`. The model code and the engine are the ones the server's
 workers run.
 """
 
@@ -41,7 +42,7 @@ from .engine.sampling import SamplingParams
 from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
 from .messages import ChatTemplateConfig, EngineOptions, VisionConfig
-from .models.errors import ImageError, PromptError
+from .models.errors import ImageError, OptionError, PromptError
 from .models.family import ModelFamily, Span, VisionInput
 from .models.registry import load_family
 
@@ -164,6 +165,7 @@ class _Visual:
     input: VisionInput | None = None  # an image, as its family's encoder takes it; encoded before it runs
     embeds: torch.Tensor | None = None  # [n_tokens, hidden] given by the caller
     key: str = ""  # content identity for the prefix cache: a digest of what the encoder (or the LLM) gets
+    grid: tuple[int, ...] = ()  # of given embeddings: the family's grid for the positions (Qwen2-VL: grid_thw)
 
 
 @dataclass
@@ -261,6 +263,8 @@ class Pipeline:
             image_lists: list[Sequence[Any]] = [[] for _ in prompt_list]
         else:
             image_lists = [images] if single else list(images)  # type: ignore[list-item]
+            if single and _is_embeds_pair(images):  # (tensor, grid_thw): one image
+                image_lists = [[images]]
         if len(image_lists) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(image_lists)} image lists")
         gen = gen_config or self.default_gen_config
@@ -299,10 +303,17 @@ class Pipeline:
         return _Prepared(ids, spans, visuals)
 
     def _visual(self, img: ImageInput, index: int, request_options: dict[str, Any]) -> _Visual:
-        if embeds_io.is_tensor(img.source):
-            rows = embeds_io.check(embeds_io.as_torch(img.source, index), index, self.family.embeds_row_multiple,
+        if (given := _embeds_source(img.source)) is not None:
+            tensor, grid = given
+            rows = embeds_io.check(embeds_io.as_torch(tensor, index), index, self.family.embeds_row_multiple,
                                    self.cfg.llm.hidden_size, self.dtype)
-            return _Visual(rows.shape[0], embeds=rows, key=f"embeds:{embeds_io.digest(rows)}")
+            try:
+                grid = self.family.embeds_grid(rows.shape[0], grid if grid is not None else img.options.get("grid_thw"))
+            except OptionError as e:
+                raise embeds_io.EmbedsError(f"embeds {index}: {e}") from None
+            # as the server's key: the grid changes the positions, hence the KV
+            key = f"embeds:{embeds_io.digest(rows)}" + (f":{list(grid)}" if grid else "")
+            return _Visual(rows.shape[0], embeds=rows, key=key, grid=grid)
         options = self.family.image_options(request_options, img.options)
         # Normalised on the host, as the reference processor does (the server's workers ship
         # the compact form instead; the encoder gives the same rows for both).
@@ -349,7 +360,7 @@ class Pipeline:
                 rid = self.engine.add_request(p.ids, _copy_params(params),
                                               **self.image_inputs(p.ids, rows, p.spans, [v.key for v in p.visuals]),
                                               **self.family.rope_inputs(p.ids, p.spans,
-                                                                        [v.input.grid if v.input else ()
+                                                                        [v.input.grid if v.input else v.grid
                                                                          for v in p.visuals]))
                 detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences),
                                                prompt_ids=p.ids)
@@ -440,6 +451,27 @@ class _Live:
     prompt_cache_len: int = 0
 
 
+def _embeds_source(source: Any) -> tuple[Any, Any] | None:
+    """(tensor, grid or None) if an image source is precomputed embeddings: a tensor, a
+    `(tensor, grid_thw)` pair, or a dict {"embeds": tensor, "grid_thw": [t, h, w]}."""
+    if embeds_io.is_tensor(source):
+        return source, None
+    if _is_embeds_pair(source):
+        return source[0], source[1]
+    if isinstance(source, dict) and embeds_io.is_tensor(source.get("embeds")):
+        return source["embeds"], source.get("grid_thw")
+    return None
+
+
+def _is_embeds_pair(x: Any) -> bool:
+    """(embeddings, grid_thw): a 2-tuple of a tensor and a list, tuple or 1-D tensor (two
+    embeddings tensors are two images)."""
+    if not (isinstance(x, tuple) and len(x) == 2 and embeds_io.is_tensor(x[0])):
+        return False
+    g = x[1]
+    return isinstance(g, (list, tuple)) or (isinstance(g, torch.Tensor) and g.ndim == 1)
+
+
 def _is_batch(inputs: Any) -> bool:
     """A list of inputs, as opposed to one conversation given as a list of message dicts."""
     return isinstance(inputs, list) and not (inputs and all(isinstance(m, dict) for m in inputs))
@@ -451,7 +483,8 @@ def _conversation(item: Any) -> list[Message]:
         return [_user_turn(item, [])]
     if isinstance(item, tuple):
         imgs = item[1] if len(item) > 1 else []
-        return [_user_turn(item[0], list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])]
+        one = not isinstance(imgs, (list, tuple)) or _is_embeds_pair(imgs)  # (tensor, grid_thw) is one image
+        return [_user_turn(item[0], [imgs] if one else list(imgs))]
     if isinstance(item, list) and all(isinstance(m, dict) for m in item):
         return [_openai_message(m, i) for i, m in enumerate(item)]
     raise TypeError(f"unsupported input {type(item).__name__}; use text, (text, image), (text, [images]) "
@@ -490,11 +523,11 @@ def _image_part(part: dict, kind: str, index: int) -> ImageInput:
     if kind == "image_data":  # LMDeploy's {"type": "image_data", "image_data": {"data": PIL image}}
         value = part.get("image_data") or {}
         return ImageInput(value.get("data"), {k: v for k, v in value.items() if k != "data"})
-    if kind == "image_embeds":  # a tensor, or the server's base64 safetensors string
+    if kind == "image_embeds":  # a tensor, or the server's base64 safetensors string (+ grid_thw for Qwen2-VL)
         value = part.get(kind)
         if isinstance(value, str):
             value = embeds_io.from_safetensors(embeds_io.b64decode(value, index), index)
-        return ImageInput(value)
+        return ImageInput(value, {k: v for k, v in part.items() if k not in ("type", kind)})
     if kind == "image":
         return ImageInput(part.get(kind))
     raise PromptError(f"message {index}: content part type {kind!r} is not supported "

@@ -218,6 +218,19 @@ def test_image_options_narrow_only(family):
         family.image_options({"max_pixels": "big"}, {})
 
 
+def test_embeds_grid(family):
+    """Precomputed embeddings carry grid_thw: t = 1, h and w even, t·h·w/4 = their rows."""
+    assert family.embeds_grid(12, [1, 6, 8]) == (1, 6, 8)
+    assert family.embeds_grid(12, (1, 8, 6)) == (1, 8, 6)
+    assert family.embeds_grid(12, torch.tensor([1, 6, 8])) == (1, 6, 8)
+    for grid, match in [(None, "required"), ([1, 6], "three positive"), ([1, 6, "8"], "three positive"),
+                        ([1, 0, 8], "three positive"), ([2, 6, 4], "t must be 1"), ([1, 5, 8], "multiples of 2"),
+                        ([1, 6, 6], "9 rows, but the embeddings have 12")]:
+        with pytest.raises(OptionError, match=match) as e:
+            family.embeds_grid(12, grid)
+        assert e.value.name == "grid_thw"
+
+
 def test_server_range_from_the_environment(qdir, monkeypatch):
     monkeypatch.setenv("MAX_PIXELS", "100352")
     family = QwenVLFamily(qdir)

@@ -48,8 +48,7 @@ def _engine_requests(pipe) -> list[dict]:
                                                              (True, False, 50)])
 def test_mrope_on_every_engine_path(pipe, emulate, overlap, batch_max_tokens):
     """Staggered joins, the overlap schedule, prefill chunks starting inside an image and
-    (emulated) CUDA graphs: M-RoPE decode batches run eagerly (their positions have 3 rows),
-    text-only ones replay the graphs; the tokens are those of the plain eager engine."""
+    (emulated) CUDA graphs: the tokens are those of the plain eager engine."""
     from test_cuda_graphs import _assert_same, _engine, _generate
 
     requests = _engine_requests(pipe)
@@ -59,6 +58,19 @@ def test_mrope_on_every_engine_path(pipe, emulate, overlap, batch_max_tokens):
     eng = _engine(pipe, emulate=emulate, overlap_schedule=overlap, batch_max_tokens=batch_max_tokens)
     _assert_same(_generate(eng, requests, joins), expected)
     assert eng.kv.used == 0
+
+
+def test_mrope_decode_batches_replay_graphs(pipe):
+    """Past its prompt an M-RoPE request's three rows agree (p + rope_delta): decode batches of
+    image requests take one row of positions and replay the (emulated) graphs, with the tokens
+    of the eager engine, which the oracle tests check against transformers."""
+    from test_cuda_graphs import _assert_same, _engine, _generate
+
+    requests = [r for r in _engine_requests(pipe) if r["images"]]
+    expected = _generate(_engine(pipe, cuda_graphs=False), requests)
+    eng = _engine(pipe, emulate=True)
+    _assert_same(_generate(eng, requests), expected)
+    assert eng.graphs.replays == max(r["max_new_tokens"] for r in requests) - 1  # every decode step
 
 
 def _tp_worker(rank: int, world: int, init_file: str, ckpt: str, requests: list[dict], out: str) -> None:

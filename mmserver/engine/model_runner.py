@@ -169,6 +169,14 @@ class ModelRunner:
         """[P, T]: each token's RoPE positions; its cache position unless its request says otherwise."""
         if all(r.rope_positions is None and r.rope_delta == 0 for r in plan.requests):
             return positions[None]
+        if all(start >= len(r.prompt_ids) or (r.rope_positions is None and r.rope_delta == 0)
+               for r, start in zip(plan.requests, plan.starts)):
+            # No token inside an M-RoPE prompt: every row would be p + rope_delta, so one row is
+            # the same positions (plain RoPE) and decode batches can replay the CUDA graphs.
+            shift = np.repeat(np.asarray([r.rope_delta if start >= len(r.prompt_ids) else 0
+                                         for r, start in zip(plan.requests, plan.starts)], dtype=np.int64),
+                              np.asarray(plan.num_tokens, dtype=np.int64))
+            return (positions + shift)[None]
         rope = np.empty((max(r.rope_rows for r in plan.requests), len(positions)), dtype=np.int64)
         for r, start, n, first in zip(plan.requests, plan.starts, plan.num_tokens, cu_q):
             rope[:, first:first + n] = r.rope_span(start, n)

@@ -56,6 +56,7 @@ class PreparedImage:
 class PreparedEmbeds:
     tensor: torch.Tensor  # [n_tokens, hidden], validated, in the model's dtype
     digest: str = ""  # sha256 of the tensor (embeds.digest)
+    grid: tuple[int, ...] = ()  # the family's grid for the positions (Qwen2-VL: the given grid_thw)
 
     @property
     def n_tokens(self) -> int:
@@ -63,8 +64,9 @@ class PreparedEmbeds:
 
     @property
     def cache_key(self) -> str:
-        # The KV prefix cache's key for these rows (they never enter the embedding cache).
-        return f"embeds:{self.digest}"
+        # The KV prefix cache's key for these rows (they never enter the embedding cache);
+        # a grid changes the positions, hence the KV.
+        return f"embeds:{self.digest}" + (f":{list(self.grid)}" if self.grid else "")
 
 
 Prepared = Union[PreparedImage, PreparedEmbeds]
@@ -119,7 +121,7 @@ class Intake:
         async def one(i: int, spec) -> Prepared:
             loop = asyncio.get_running_loop()
             if spec.type == "embeds":
-                return await loop.run_in_executor(self._decode_pool, self._load_embeds, spec.data, i)
+                return await loop.run_in_executor(self._decode_pool, self._load_embeds, spec, i)
             if image_io.is_inline(spec.type, spec.data):
                 loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect_base64, spec.data, i,
                                                     l.max_image_bytes)
@@ -132,19 +134,25 @@ class Intake:
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
 
-    def _load_embeds(self, data: str, index: int) -> PreparedEmbeds:
-        """base64 → safetensors → one validated tensor. Runs in a thread."""
+    def _load_embeds(self, spec, index: int) -> PreparedEmbeds:
+        """base64 → safetensors → one validated tensor, and the grid the family needs with it
+        (`grid_thw` given with the image). Runs in a thread."""
         if self.embeds is None:
             raise BadRequest(f"image {index}: precomputed embeddings are not accepted by this server")
         try:
-            raw = embeds_io.b64decode(data, index)
+            raw = embeds_io.b64decode(spec.data, index)
             if len(raw) > self.limits.max_image_bytes:
                 raise TooLarge(f"embeds {index}: {len(raw)} bytes exceeds the {self.limits.max_image_bytes}-byte limit")
             t = embeds_io.check(embeds_io.from_safetensors(raw, index), index, self.family.embeds_row_multiple,
                                 self.family.config.llm.hidden_size, self.embeds.dtype)
         except embeds_io.EmbedsError as e:
             raise BadRequest(str(e)) from None
-        return PreparedEmbeds(t, embeds_io.digest(t))
+        try:
+            grid = self.family.embeds_grid(t.shape[0], spec.options.get("grid_thw"))
+        except OptionError as e:
+            where = f"{spec.where}.{e.name}" if spec.where else f"image {index}: {e.name}"
+            raise BadParam(f"{where} {e.detail}", where if spec.where else e.name) from None
+        return PreparedEmbeds(t, embeds_io.digest(t), grid)
 
     def tokenize(self, prompt: str, images: list[Prepared]) -> tuple[list[int], list[Span]]:
         """The prompt's ids with each image's positions, and where each image's rows go."""
@@ -225,7 +233,7 @@ class Intake:
                 t = item.tensor
                 seg = shm.create(name, t.numel() * t.element_size())
                 refs.append(ImageRef(record_id=0, emb_name=name, img_name="", n_tokens=t.shape[0], img_bytes=0,
-                                     needs_vit=False, options="", precomputed=True))
+                                     needs_vit=False, options="", grid=item.grid, precomputed=True))
                 try:
                     shm.tensor_view(seg, tuple(t.shape), t.dtype).copy_(t)
                 finally:

@@ -13,7 +13,8 @@ Where OpenAI's API leaves room (documented in the README):
 - `n` > 1: n engine requests; with a `seed` s, choice i uses seed s + i;
 - other `image_url` keys are the image's options for the model family (InternVL reads
   LMDeploy's `max_dynamic_patch`, a per-image tile cap; unknown ones are ignored);
-- `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings;
+- `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings
+  (Qwen2-VL's also carry `"grid_thw": [t, h, w]`);
 - vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens;
   structured outputs by `response_format` or vLLM's `structured_outputs` / `guided_*`;
 - `logprobs` / `top_logprobs`: raw log-probabilities (as /generate reports them); a token's
@@ -129,7 +130,7 @@ def _parse_content(content: Any, where: str, role: str, images: list[ImageSpec])
             parts.append({"type": "text", "text": part["text"]})
             continue
         images.append(_image_url_spec(part.get("image_url"), at) if kind == "image_url"
-                      else _embeds_spec(part.get("image_embeds"), at))
+                      else _embeds_spec(part, at))
         parts.append({"type": "image"})  # rendered as `<image>\n` by the template
     return parts
 
@@ -147,11 +148,13 @@ def _image_url_spec(value: Any, at: str) -> ImageSpec:
     return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.image_url")
 
 
-def _embeds_spec(value: Any, at: str) -> ImageSpec:
+def _embeds_spec(part: dict, at: str) -> ImageSpec:
+    value = part.get("image_embeds")
     if not isinstance(value, str):
         raise InvalidRequest(f"{at}.image_embeds must be a string (base64 of a safetensors file)",
                              f"{at}.image_embeds")
-    return ImageSpec("embeds", value)
+    # Other keys (Qwen2-VL's grid_thw) go to the model family with the embeddings.
+    return ImageSpec("embeds", value, {k: v for k, v in part.items() if k not in ("type", "image_embeds")}, at)
 
 
 # ---------------------------------------------------------------------------------------

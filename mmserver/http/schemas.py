@@ -24,6 +24,9 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
     "stop_sequences": ((list, str, type(None)), None),
     "seed": ((int, type(None)), None),
     "image_max_patch_num": ((int,), -1),
+    # Qwen2-VL's pixel range for the request's images (-1: the server's); may only narrow it
+    "min_pixels": ((int,), -1),
+    "max_pixels": ((int,), -1),
     "return_details": ((bool,), False),
     "skip_special_tokens": ((bool,), True),
     "top_logprobs": ((int,), 0),  # alternatives per token in the details (0-20)
@@ -37,7 +40,7 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
 
 IMAGE_TYPES = ("base64", "url", "file", "embeds")
 # Parameters handed to the model family as the request's image options (it validates them).
-IMAGE_OPTIONS = ("image_max_patch_num",)
+IMAGE_OPTIONS = ("image_max_patch_num", "min_pixels", "max_pixels")
 
 
 class ParamError(BadRequest):
@@ -168,7 +171,10 @@ def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
         kind = item.get("type", "base64")
         if kind not in IMAGE_TYPES:
             raise BadRequest(f"multimodal_params.images[{i}].type {kind!r} is not one of {', '.join(IMAGE_TYPES)}")
-        out.append(ImageSpec(kind, item["data"], where=f"multimodal_params.images[{i}]"))
+        # Other keys (e.g. max_pixels, max_dynamic_patch; grid_thw of embeds) are the image's
+        # options: the model family checks those it reads.
+        out.append(ImageSpec(kind, item["data"], {k: v for k, v in item.items() if k not in ("type", "data")},
+                             where=f"multimodal_params.images[{i}]"))
     return out
 
 

@@ -216,6 +216,12 @@ class ModelFamily(ABC):
         of this (the rows of the smallest unit the encoder emits)."""
         return 1
 
+    def embeds_grid(self, n_rows: int, grid: Any) -> tuple[int, ...]:
+        """The grid `rope_inputs` needs for precomputed embeddings of `n_rows` rows, from the
+        `grid_thw` given with them (None if none was). () for families whose positions need no
+        grid (a given one is ignored). Raises OptionError("grid_thw", …)."""
+        return ()
+
     @abstractmethod
     def image_options(self, request: Mapping[str, Any], image: Mapping[str, Any]) -> str:
         """Validate one image's options (`image`: given with it, e.g. an OpenAI image part's

@@ -138,6 +138,27 @@ class QwenVLFamily(ModelFamily):
                               f"gives an empty range: min_pixels {mn} > max_pixels {mx}")
         return f"px{mn}-{mx}"
 
+    def embeds_grid(self, n_rows: int, grid: Any) -> tuple[int, ...]:
+        """Precomputed embeddings carry their grid [t, h, w] (in patches, as transformers'
+        image_grid_thw): the positions depend on it; t·h·w/merge² must be their row count."""
+        m = self._cfg.vision.spatial_merge_size
+        if grid is None:
+            raise OptionError("grid_thw", "is required with precomputed embeddings for this model: their M-RoPE "
+                                          "positions depend on the image's grid [t, h, w] (in patches)")
+        if isinstance(grid, torch.Tensor):
+            grid = grid.tolist()
+        if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and all(_is_int(g) and g >= 1 for g in grid)):
+            raise OptionError("grid_thw", f"must be [t, h, w], three positive integers, got {grid!r}")
+        t, h, w = grid
+        if t != 1:
+            raise OptionError("grid_thw", f"{list(grid)}: t must be 1 (an image; videos are not supported)")
+        if h % m or w % m:
+            raise OptionError("grid_thw", f"{list(grid)}: h and w must be multiples of {m} (the spatial merge)")
+        if t * h * w // (m * m) != n_rows:
+            raise OptionError("grid_thw", f"{list(grid)} gives t·h·w/{m * m} = {t * h * w // (m * m)} rows, "
+                                          f"but the embeddings have {n_rows}")
+        return (t, h, w)
+
     @staticmethod
     def _range(options: str) -> tuple[int, int]:
         mn, _, mx = options.removeprefix("px").partition("-")
