@@ -91,7 +91,9 @@ def test_chat_template_flag(ldir, tmp_path, monkeypatch):
     from mmserver.models.chat_templates import ENV
     from mmserver.models.registry import load_family
 
-    monkeypatch.delenv(ENV, raising=False)
+    # parse_args exports the template for the server's children: undo that for the tests after this one
+    monkeypatch.setenv(ENV, "")
+    monkeypatch.delenv(ENV)
     with pytest.raises(ArgError, match="--chat_template"):
         parse_args(["--model_dir", str(ldir), "--device", "cpu", "--chat_template", "no-such-template"])
     tpl = tmp_path / "t.jinja"
