@@ -43,7 +43,7 @@ from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
 from .messages import ChatTemplateConfig, EngineOptions, VisionConfig
 from .models.errors import ImageError, OptionError, PromptError
-from .models.family import ModelFamily, Span, VisionInput
+from .models.family import LoadedModel, ModelFamily, Span, VisionInput
 from .models.registry import load_family
 
 IMAGE_TOKEN = ModelFamily.image_placeholder  # "<image>": place images yourself in the text of (text, images)
@@ -212,15 +212,40 @@ class Pipeline:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, self.cfg.torch_dtype)
         self.progress = progress
-        self.model = self.family.load_model(self.device, self.dtype, progress=progress,
-                                            workers=env_int("LOADWORKER") or 1)
+        workers = env_int("LOADWORKER") or 1
+        self._tp = None
+        if backend_config is not None and backend_config.tp > 1:  # rank 0 here, followers spawned
+            from .pipeline_tp import TPRanks
+
+            vision = self.family.load_model(self.device, self.dtype, components=("vision",), progress=progress,
+                                            workers=workers).vision  # unsharded, in this process
+            self._tp = TPRanks(self.model_dir, backend_config.tp, self.device, self.dtype, backend_config,
+                               engine_config, workers)
+            self.model = LoadedModel(self.family, vision, self._tp.llm)
+        else:
+            self.model = self.family.load_model(self.device, self.dtype, progress=progress, workers=workers)
         self.tokenizer = self.family.tokenizer
         self.stop_token_ids = self.family.stop_token_ids()
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
-        if backend_config is not None:
-            engine_config = _engine_config(backend_config, engine_config, self.model.llm, self.device)
-        self.engine = Engine(self.model.llm, engine_config or EngineConfig(), tokenizer=self.tokenizer)
+        if self._tp is not None:  # rank 0's Engine sends each batch to the followers first
+            self.engine = Engine(self._tp.leader, self._tp.engine_config, tokenizer=self.tokenizer)
+        else:
+            if backend_config is not None:
+                engine_config = _engine_config(backend_config, engine_config, self.model.llm, self.device)
+            self.engine = Engine(self.model.llm, engine_config or EngineConfig(), tokenizer=self.tokenizer)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel follower processes (tp > 1; also on garbage collection and at
+        exit). A no-op for tp=1; idempotent."""
+        if self._tp is not None:
+            self._tp.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ----------------------------------------------------------------------------------
     # Public API
@@ -541,9 +566,6 @@ def _copy_params(params: SamplingParams) -> SamplingParams:
 def _engine_config(opts: EngineOptions, base: EngineConfig | None, llm, device: str) -> EngineConfig:
     """LMDeploy's backend options as the engine's knobs (over `base`, the keyword ones)."""
     cfg = base or EngineConfig()
-    if opts.tp > 1:
-        raise NotImplementedError(f"tp={opts.tp} in pipeline() is not supported yet: the pipeline runs one rank "
-                                  "(serve with `python -m mmserver.api_server --tp N` for tensor parallelism)")
     if opts.session_len is not None:
         cfg.max_req_len = opts.session_len
         cfg.max_total_tokens = max(cfg.max_total_tokens, opts.session_len)

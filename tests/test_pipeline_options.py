@@ -70,9 +70,30 @@ def test_vision_batches_give_the_same_rows(opipe, ldir):
         plain.generate(prompt, images=imgs, gen_config=_gen()).token_ids
 
 
-def test_tp_above_one_is_refused_clearly(ldir):
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        pipeline(ldir, device="cpu", backend_config=PytorchEngineConfig(tp=2))
+@pytest.mark.parametrize("which", ["llava", "internvl"])
+def test_tp2_matches_tp1_and_leaves_no_child(which, ldir, ckpt):
+    """tp=2: this process is rank 0 and one spawned follower (gloo) runs the other shard; greedy
+    tokens equal tp=1's for a text and an image prompt, and close() reaps the follower."""
+    import multiprocessing
+
+    model = ldir if which == "llava" else ckpt
+    opts = dict(session_len=4096, max_batch_size=2, cache_max_entry_count=8192)
+    one = pipeline(model, device="cpu", dtype="float32", backend_config=TurbomindEngineConfig(tp=1, **opts))
+    two = pipeline(model, device="cpu", dtype="float32", backend_config=PytorchEngineConfig(tp=2, **opts))
+    try:
+        pids = [p.pid for p in two._tp.procs]
+        assert len(pids) == 1 and two._tp.procs[0].is_alive()
+        assert two.engine.config.max_total_tokens == one.engine.config.max_total_tokens
+        img = random_image(300, 200, 5)
+        for inputs in ("Tell me a story", ("Describe this", img)):
+            assert two(inputs, _gen(8)).token_ids == one(inputs, _gen(8)).token_ids
+        batch = two(["Hi", ("What is it?", img)], _gen(5))
+        assert [r.token_ids for r in batch] == [r.token_ids for r in one(["Hi", ("What is it?", img)], _gen(5))]
+    finally:
+        two.close()
+    two.close()  # idempotent
+    assert multiprocessing.active_children() == []
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
 
 def test_vl_names(tmp_path):
