@@ -104,6 +104,18 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
+    def settled_metrics(self, timeout: float = 5.0) -> dict[str, float]:
+        """/metrics once the workers' periodic stats (every 0.2 s) have caught up: three reads
+        0.3 s apart agree. Bounded: after `timeout` the last read is returned."""
+        deadline = time.monotonic() + timeout
+        last, same = self.metrics(), 0
+        while same < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = self.metrics()
+            same = same + 1 if now == last else 0
+            last = now
+        return last
+
     def metrics(self) -> dict[str, float]:
         _, text = self.get("/metrics")
         out = {}
