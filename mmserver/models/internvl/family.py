@@ -14,30 +14,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError, OptionError
+from ..errors import OptionError
 from ..family import COMPONENTS, ImagePlan, ImageSource, ModelFamily, VisionInput
+from ..options import env_positive_int, is_int
 from ..parallel import TPGroup
 from .config import InternVLConfig, load_config, stop_token_ids
 from .preprocess import load_image, normalize_pixels, num_tiles, tile_pixels
 from .prompt import SpecialIds, context_spans, expand_prompt, get_template, question_with_images
-
-
-def _env_cap(name: str = "MAX_PATCH_NUM") -> int | None:
-    """LightLLM's default tile cap, read once when the family is built."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigError(f"environment variable {name}={value} must be >= 1")
-    return value
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class InternVLFamily(ModelFamily):
@@ -49,7 +32,7 @@ class InternVLFamily(ModelFamily):
         super().__init__(model_dir, trust_remote_code)
         self._cfg = load_config(self.model_dir)  # also checks INTERNVL_IMAGE_LENGTH
         # tile cap of images whose request sets none
-        self.default_cap = _env_cap() or self._cfg.max_dynamic_patch
+        self.default_cap = env_positive_int("MAX_PATCH_NUM") or self._cfg.max_dynamic_patch
         self._special: SpecialIds | None = None
 
     @property
@@ -106,10 +89,10 @@ class InternVLFamily(ModelFamily):
 
     def image_options(self, request: Mapping[str, Any], image: Mapping[str, Any]) -> str:
         req_cap = request.get("image_max_patch_num", -1)
-        if not _is_int(req_cap) or req_cap == 0 or req_cap < -1:
+        if not is_int(req_cap) or req_cap == 0 or req_cap < -1:
             raise OptionError("image_max_patch_num", f"must be -1 (model default) or >= 1, got {req_cap}")
         cap = image.get("max_dynamic_patch")
-        if cap is not None and (not _is_int(cap) or cap < 1):
+        if cap is not None and (not is_int(cap) or cap < 1):
             raise OptionError("max_dynamic_patch", f"must be an integer >= 1, got {cap!r}")
         return f"max{cap or (req_cap if req_cap > 0 else self.default_cap)}"
 

@@ -18,27 +18,11 @@ import torch
 
 from ..errors import ConfigError, OptionError, PromptError
 from ..family import COMPONENTS, ImagePlan, ImageSource, ModelFamily, VisionInput
+from ..options import env_positive_int, is_int
 from ..parallel import TPGroup, shard_weights
 from .config import QwenVLConfig, load_config
 from .preprocess import patchify, plan, resized_uint8
 from .prompt import SpecialIds, expand_prompt, pad_spans, question_with_images, render_chat, rope_index
-
-
-def _env_pixels(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigError(f"environment variable {name}={value} must be >= 1")
-    return value
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class QwenVLFamily(ModelFamily):
@@ -49,8 +33,8 @@ class QwenVLFamily(ModelFamily):
     def __init__(self, model_dir: str | os.PathLike, trust_remote_code: bool = False):
         super().__init__(model_dir, trust_remote_code)
         self._cfg = load_config(self.model_dir)
-        self.min_pixels = _env_pixels("MIN_PIXELS") or self._cfg.min_pixels
-        self.max_pixels = _env_pixels("MAX_PIXELS") or self._cfg.max_pixels
+        self.min_pixels = env_positive_int("MIN_PIXELS") or self._cfg.min_pixels
+        self.max_pixels = env_positive_int("MAX_PIXELS") or self._cfg.max_pixels
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
         self._special: SpecialIds | None = None
@@ -129,7 +113,7 @@ class QwenVLFamily(ModelFamily):
             value = image.get(name, request.get(name))
             if value is None or value == -1:
                 continue
-            if not _is_int(value) or not lo <= value <= hi:
+            if not is_int(value) or not lo <= value <= hi:
                 raise OptionError(name, f"must be an integer within the server's range [{lo}, {hi}], got {value!r}")
             values[name] = value
         mn, mx = values.get("min_pixels", lo), values.get("max_pixels", hi)
@@ -147,7 +131,7 @@ class QwenVLFamily(ModelFamily):
                                           "positions depend on the image's grid [t, h, w] (in patches)")
         if isinstance(grid, torch.Tensor):
             grid = grid.tolist()
-        if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and all(_is_int(g) and g >= 1 for g in grid)):
+        if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and all(is_int(g) and g >= 1 for g in grid)):
             raise OptionError("grid_thw", f"must be [t, h, w], three positive integers, got {grid!r}")
         t, h, w = grid
         if t != 1:
