@@ -88,6 +88,10 @@ def test_other_node_exits_when_node_0_goes_away(ckpt, tmp_path):
         srv.proc.kill()
         srv.proc.wait(10)
         node1.wait(30)  # noticed within the watchdog's silence bound, and stopped its ranks
+        # a rank exits at most 3 s after its parent (launcher's orphan rule): wait for that, bounded
+        deadline = time.monotonic() + 10
+        while [c for c in node1_children if alive(c)] and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not [c for c in node1_children if alive(c)]
     finally:
         if node1.poll() is None:
