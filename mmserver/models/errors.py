@@ -33,9 +33,20 @@ class ImageError(ValueError):
     index in each request waiting for it).
     """
 
-    def __init__(self, index: int, detail: str):
-        super().__init__(index, detail)  # both in args: the exception pickles and unpickles
-        self.index, self.detail = index, detail
+    def __init__(self, index: int, detail: str, kind: str = "image"):
+        super().__init__(index, detail, kind)  # all in args: the exception pickles and unpickles
+        self.index, self.detail, self.kind = index, detail, kind
 
     def __str__(self) -> str:
-        return f"image {self.index}: {self.detail}"
+        return f"{self.kind} {self.index}: {self.detail}"
+
+
+class VideoError(ImageError):
+    """An input video cannot be used (not a video, truncated, no frames): reads "video {index}: …"."""
+
+    def __init__(self, index: int, detail: str, kind: str = "video"):
+        super().__init__(index, detail, kind)
+
+
+class MediaTooLarge(ImageError):
+    """An image or video over a server cap (frames, pixel budget): the caller's 413."""
