@@ -10,10 +10,11 @@ where its math is new). The LLM decoder and `LLMConfig` are shared (`models/llm/
 
 Which process calls what:
 
-    HTTP intake   image_options → plan_image (header only) → expand_prompt; render_chat,
-                  stop_token_ids, tokenizer, embeds_row_multiple
-    visual        load_weights("vision") → build_encoder; preprocess → encoder.encode_images;
-                  warmup_input
+    HTTP intake   image_options → plan_image (header only), video_options → plan_video
+                  (header only) → expand_media; render_chat, stop_token_ids, tokenizer,
+                  embeds_row_multiple
+    visual        load_weights("vision") → build_encoder; preprocess_media (preprocess or
+                  preprocess_video, by the option key) → encoder.encode_images; warmup_input
     router        load_weights("llm") → build_llm; rope_inputs (keywords of Engine.add_request)
     pipeline      all of the above, in one process
 """
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, Un
 
 import torch
 
+from .errors import OptionError, PromptError, VideoError
 from .llm.config import LLMConfig
 
 if TYPE_CHECKING:
@@ -36,18 +38,52 @@ if TYPE_CHECKING:
 
     from .llm.decoder import DecoderLM
     from .parallel import TPGroup
+    from .video_io import VideoMeta
 
 Span = tuple[int, int]  # (start, length) of one image's embedding rows in the prompt
 ImageSource = Union["Image.Image", str, "os.PathLike[str]", bytes, bytearray, memoryview]
+# A video: its file bytes (or a path), or frames already sampled (the offline pipeline)
+VideoSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", Sequence["Image.Image"]]
 COMPONENTS = ("vision", "llm")
+VIDEO_PREFIX = "video:"  # a video's option key starts with it: preprocess_media dispatches on it
 
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """What an image becomes, known from its header (size) and options alone."""
+    """What an image (or a video) becomes, known from its header (size; a video's frame count
+    and rate) and options alone."""
 
     n_tokens: int  # embedding rows, and prompt positions they fill
     grid: tuple[int, ...] = ()  # family metadata `rope_inputs` may need (Qwen2-VL: (t, h, w)); () for none
+    # The prompt spans its rows fill, in order, when more than one (an InternVL video: one per
+    # frame, text between them); () means one span of n_tokens.
+    segments: tuple[int, ...] = ()
+    frames: int = 0  # a video's sampled frames (0 for an image)
+
+    @property
+    def span_lengths(self) -> tuple[int, ...]:
+        return self.segments or (self.n_tokens,)
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """The server's caps on one video (--max_video_frames, --max_video_pixels)."""
+
+    max_frames: int = 768  # sampled frames; qwen-vl-utils' FPS_MAX_FRAMES
+    max_pixels: int = 90_316_800  # resized pixels over all sampled frames; qwen-vl-utils' VIDEO_TOTAL_PIXELS
+
+
+@dataclass
+class Expansion:
+    """A prompt with its images' and videos' placeholders expanded."""
+
+    ids: list[int]
+    spans: list[Span]  # every span, in prompt order
+    items: list[tuple[str, int]]  # per span: ("image", i) or ("video", j), the input it belongs to
+
+
+def is_video_options(options: str) -> bool:
+    return options.startswith(VIDEO_PREFIX)
 
 
 @dataclass
@@ -106,6 +142,9 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     # What marks an image's place in a prompt (the pipeline's IMAGE_TOKEN).
     image_placeholder: ClassVar[str] = "<image>"
+    # What marks a video's place, for families that take videos.
+    video_placeholder: ClassVar[str] = "<video>"
+    supports_video: ClassVar[bool] = False
     # The environment variables the family reads when it is built, for --help.
     env_help: ClassVar[str] = ""
 
@@ -187,6 +226,14 @@ class ModelFamily(ABC):
         """Tokenize `prompt`, whose i-th image placeholder becomes `token_counts[i]` image
         positions; returns the ids and each image's span. Raises PromptError."""
 
+    def expand_media(self, prompt: str, images: Sequence[ImagePlan], videos: Sequence[ImagePlan] = ()) -> Expansion:
+        """`expand_prompt` with videos too: the ids, every span in prompt order and the input
+        each belongs to. A family that takes videos overrides it. Raises PromptError."""
+        if videos:
+            raise PromptError(f"{self.name} models do not take videos")
+        ids, spans = self.expand_prompt(prompt, [p.n_tokens for p in images])
+        return Expansion(ids, spans, [("image", i) for i in range(len(spans))])
+
     def find_spans(self, ids: Sequence[int]) -> list[Span]:
         """Each image's span in ids that `expand_prompt` made, for callers that kept only the
         ids (the server and the pipeline use the spans of the expansion itself)."""
@@ -203,6 +250,14 @@ class ModelFamily(ABC):
         if num_images == 0 or self.image_placeholder in text:
             return text
         return f"{self.image_placeholder}\n" * num_images + text
+
+    def question_with_media(self, text: str, num_images: int, num_videos: int) -> str:
+        """`question_with_images`, with `num_videos` video placeholders before it (unless the
+        text places them): a (text, [videos and images]) turn."""
+        text = self.question_with_images(text, num_images)
+        if num_videos == 0 or self.video_placeholder in text:
+            return text
+        return self.video_placeholder * num_videos + text
 
     @abstractmethod
     def stop_token_ids(self) -> list[int]:
@@ -239,6 +294,32 @@ class ModelFamily(ABC):
         between processes (the encoder finishes it on its device); True gives the reference
         processor's values, which the encoder takes as well. Raises ImageError (`index` names
         the image)."""
+
+    def preprocess_media(self, source: Any, options: str, index: int = 0, normalize: bool = False) -> VisionInput:
+        """`preprocess` or `preprocess_video`, by the option key (what the visual workers call)."""
+        if is_video_options(options):
+            return self.preprocess_video(source, options, index, normalize)
+        return self.preprocess(source, options, index, normalize)
+
+    # ----------------------------------------------------------------- videos
+
+    def video_options(self, request: Mapping[str, Any], video: Mapping[str, Any], limits: VideoLimits) -> str:
+        """Validate one video's options (`num_frames`, `fps`, …: the video's own, else the
+        request's) against the server's `limits` and return them resolved as a stable string
+        starting with VIDEO_PREFIX (part of the cache key; what `plan_video` and
+        `preprocess_video` read). Raises OptionError naming the option."""
+        raise OptionError("videos", f"are not supported by {self.name} models")
+
+    def plan_video(self, meta: "VideoMeta", options: str, index: int = 0) -> ImagePlan:
+        """What a video with this header becomes: frames sampled, tokens, spans, grid.
+        Raises VideoError (cannot be sampled) or MediaTooLarge (over the caps in `options`)."""
+        raise VideoError(index, f"videos are not supported by {self.name} models")
+
+    def preprocess_video(self, video: VideoSource, options: str, index: int = 0,
+                         normalize: bool = False) -> VisionInput:
+        """Decode only the sampled frames and prepare them as one encoder input, as `preprocess`
+        (`normalize`: the reference processor's values). Raises VideoError / MediaTooLarge."""
+        raise VideoError(index, f"videos are not supported by {self.name} models")
 
     @abstractmethod
     def warmup_input(self) -> VisionInput:

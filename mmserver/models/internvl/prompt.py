@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import PromptError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 _PAIR = "<img></img>"
+_MEDIA = re.compile(f"({re.escape(VIDEO_PLACEHOLDER)}|{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(_PAIR)})")
 
 SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -65,8 +68,10 @@ def _text_of(content: Any) -> str:
             parts.append(item.get("text", ""))
         elif kind in ("image", "image_url", "image_data"):
             parts.append(IMAGE_PLACEHOLDER + "\n")
+        elif kind in ("video", "video_url"):
+            parts.append(VIDEO_PLACEHOLDER)  # its frames' expansion ends in a newline
         else:
-            raise PromptError(f"content part type {kind!r} is not supported (use 'text' or 'image_url')")
+            raise PromptError(f"content part type {kind!r} is not supported (use 'text', 'image_url' or 'video_url')")
     return "".join(parts)
 
 
@@ -92,6 +97,23 @@ class SpecialIds:
         if any(i is None or (unk is not None and i == unk) for i in ids):
             raise PromptError("tokenizer lacks the InternVL tokens <img>, </img>, <IMG_CONTEXT>")
         return cls(*ids)
+
+
+def frames_prompt(n_frames: int) -> str:
+    """What `<video>` stands for: InternVL's `Frame{i}: <image>\n` per frame, i from 1."""
+    return "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_frames))
+
+
+def split_media(prompt: str) -> list[tuple[str, str]]:
+    """The prompt as ("text", …), ("image", placeholder) and ("video", placeholder) pieces, in order."""
+    out = []
+    for i, piece in enumerate(_MEDIA.split(prompt)):
+        if i % 2 == 0:
+            if piece:
+                out.append(("text", piece))
+        else:
+            out.append(("video" if piece == VIDEO_PLACEHOLDER else "image", piece))
+    return out
 
 
 def count_placeholders(prompt: str) -> int:
