@@ -8,6 +8,11 @@ grid (1, gh, gw). The image then costs gh·gw/4 tokens, known from its size alon
 
 The compact form for the wire is the resized uint8 image `[H', W', 3]`; `patchify` finishes it
 with the same float operations (on any device) into the same values.
+
+A video is its (sampled, resized, even-count) frames `[F, H', W', 3]`; `patchify_video` makes
+transformers' video `pixel_values_videos` with the same float operations: rows t_grid, then the
+merge blocks as for an image; columns C, T, P, P, where frames 2k and 2k+1 are temporal patch k.
+An image is exactly a video of itself twice.
 """
 
 from __future__ import annotations
@@ -52,27 +57,53 @@ def plan(width: int, height: int, min_pixels: int, max_pixels: int, patch: int =
     return (1, h // patch, w // patch)
 
 
+def resize_rgb(img: Image.Image, height: int, width: int) -> torch.Tensor:
+    """An RGB image resized as the processor does (PIL bicubic; unchanged if already that size):
+    uint8 [height, width, 3]."""
+    if img.size != (width, height):
+        img = img.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
 def resized_uint8(image: ImageSource, min_pixels: int, max_pixels: int, patch: int = 14, merge: int = 2,
                   index: int = 0) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """The RGB image resized as the processor does: uint8 [H', W', 3] and its grid."""
     img = load_image(image, index, to_rgb=alpha_on_white)
     grid = plan(img.width, img.height, min_pixels, max_pixels, patch, merge, index)
-    size = (grid[2] * patch, grid[1] * patch)
-    if img.size != size:
-        img = img.resize(size, resample=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)), grid
+    return resize_rgb(img, grid[1] * patch, grid[2] * patch), grid
+
+
+def _normalize(frames: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [F, H, W, C] → float32 [F, C, H, W]: float64 × (1/255) rounded to float32, then
+    float32 subtract and divide (each one IEEE op), as the processor."""
+    x = frames.permute(0, 3, 1, 2).to(torch.float64).mul(1 / 255).to(torch.float32)
+    dev = x.device
+    return (x - torch.tensor(mean, dtype=torch.float32, device=dev)[:, None, None]) \
+        / torch.tensor(std, dtype=torch.float32, device=dev)[:, None, None]
+
+
+def _patches(x: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """float [F, C, H, W] (F a multiple of `temporal`) → [t·gh·gw, C·T·P·P] in transformers'
+    order: rows (t, block row, block col, row in block, col in block), columns (C, T, P, P)."""
+    f, c, h, w = x.shape
+    t, gh, gw = f // temporal, h // patch, w // patch
+    x = x.reshape(t, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * gh * gw, c * temporal * patch * patch).contiguous()
 
 
 def patchify(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], patch: int = 14,
              merge: int = 2, temporal: int = 2) -> torch.Tensor:
-    """uint8 [H', W', 3] (any device) → float32 patches [gh·gw, C·T·P·P], bit for bit the processor's:
-    float64 × (1/255) rounded to float32, then float32 subtract and divide (each one IEEE op)."""
-    x = image.permute(2, 0, 1).to(torch.float64).mul(1 / 255).to(torch.float32)
-    dev = x.device
-    x = (x - torch.tensor(mean, dtype=torch.float32, device=dev)[:, None, None]) \
-        / torch.tensor(std, dtype=torch.float32, device=dev)[:, None, None]
-    c, h, w = x.shape
-    gh, gw = h // patch, w // patch
-    x = x.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
-    x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, temporal, -1, -1)
-    return x.reshape(gh * gw, c * temporal * patch * patch).contiguous()
+    """uint8 [H', W', 3] (any device) → float32 patches [gh·gw, C·T·P·P], bit for bit the
+    processor's: the image as a video of itself `temporal` times (normalized once)."""
+    x = _normalize(image[None], mean, std)
+    return _patches(x.expand(temporal, -1, -1, -1), patch, merge, temporal)
+
+
+def patchify_video(frames: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], patch: int = 14,
+                   merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """uint8 frames [F, H', W', 3] (F a multiple of `temporal`; any device) → float32 patches
+    [t·gh·gw, C·T·P·P], t = F / temporal: transformers' `pixel_values_videos`."""
+    if frames.dim() != 4 or frames.shape[0] % temporal:
+        raise ValueError(f"video frames {tuple(frames.shape)}: expected [F, H, W, 3] with F a multiple of {temporal}")
+    return _patches(_normalize(frames, mean, std), patch, merge, temporal)

@@ -3,6 +3,8 @@
 All images of a call run as ONE packed sequence of patch rows: attention stays within each
 image (Qwen2-VL, and Qwen2.5-VL's full-attention blocks) or within each 4×4-merged-token
 window (Qwen2.5-VL's other blocks), given to `kernels.varlen_attention` as segment offsets.
+A video (grid t > 1) is t such slices: each temporal patch attends (and is windowed) on its
+own, as in transformers; the 2-D rotary repeats per slice.
 
     patch embed (bias-free Conv3d as a matmul) → blocks → PatchMerger (4 rows → 1 token)
     Qwen2-VL block:   x += proj(attn(LN1 x));  x += fc2(act(fc1(LN2 x)))       act: quick_gelu
@@ -26,7 +28,7 @@ from ... import kernels
 from ..family import VisionInput
 from ..parallel import TPGroup
 from .config import QwenVLConfig
-from .preprocess import patchify
+from .preprocess import patchify, patchify_video
 
 
 def _act(name: str):
@@ -107,13 +109,15 @@ class QwenVisionEncoder:
     # ----------------------------------------------------------------- inputs
 
     def prepare(self, x: VisionInput) -> torch.Tensor:
-        """One image's patch rows [t·h·w, 1176] on the device in the encoder's dtype: given
-        (float, the processor's values) or made from the resized uint8 image on the device."""
+        """One image's (video's) patch rows [t·h·w, 1176] on the device in the encoder's dtype:
+        given (float, the processor's values) or made on the device from the resized uint8
+        image [H', W', 3] (video: frames [F, H', W', 3])."""
         pixels = x.pixels
         if pixels.dtype == torch.uint8:
             v = self.v
-            pixels = patchify(pixels.to(self.device, non_blocking=True), self.cfg.image_mean, self.cfg.image_std,
-                              v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+            fn = patchify_video if pixels.dim() == 4 else patchify
+            pixels = fn(pixels.to(self.device, non_blocking=True), self.cfg.image_mean, self.cfg.image_std,
+                        v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
         return pixels.to(self.device, self.dtype)
 
     def encode_images(self, inputs: Sequence[VisionInput]) -> list[torch.Tensor]:
