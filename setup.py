@@ -17,6 +17,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.60",
         "aiohttp>=3.9",
+        "av>=12",
         "uvloop>=0.19",
         "rpyc>=6.0",
         "prometheus-client>=0.20",

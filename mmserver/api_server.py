@@ -105,6 +105,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     from .embed_cache.service import CacheClient
     from .frontend.images import MediaFetcher
     from .frontend.intake import EmbedsInput, Intake, IntakeLimits
+    from .models.family import VideoLimits
     from .frontend.media_policy import MediaPolicy
     from .frontend.streams import Streams
     from .http.app import build_app
@@ -116,7 +117,9 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     max_req_len = ends["router_info"]["max_req_len"]
     model_dtype = args.compute_dtype(family.config.torch_dtype)
     intake = Intake(family, IntakeLimits(args.max_image_bytes, args.image_fetch_timeout, args.allowed_local_media_path,
-                                         max_req_len, args.cache_wait_s), cache, session,
+                                         max_req_len, args.cache_wait_s,
+                                         VideoLimits(args.max_video_frames, args.max_video_pixels),
+                                         args.max_video_bytes), cache, session,
                     EmbedsInput(cluster.prefix, model_dtype))
     streams = Streams(family.tokenizer, ends["to_router"], ends["to_visual"], intake.release)
     stats: dict[str, dict] = {}
@@ -152,7 +155,8 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
         loop.add_reader(ends["from_visual"].fileno(), drain, ends["from_visual"], "visual")
 
     state = AppState(intake=intake, streams=streams, stop_token_ids=stop_ids,
-                     max_images=args.max_images_per_request, max_waiting=args.max_waiting_requests,
+                     max_images=args.max_images_per_request, max_videos=args.max_videos_per_request,
+                     max_waiting=args.max_waiting_requests,
                      model_name=os.path.basename(os.path.normpath(args.model_dir)), multimodal=args.enable_multimodal,
                      health=health, health_details=health_details, stats=stats, max_n=args.max_n, api_key=args.api_key)
     app = build_app(state, args.max_request_bytes)

@@ -34,6 +34,10 @@ class ServerArgs:
     device: str = "auto"
     max_images_per_request: int = 16
     max_image_bytes: int = 32 << 20
+    max_videos_per_request: int = 4
+    max_video_bytes: int = 256 << 20
+    max_video_frames: int = 768  # qwen-vl-utils' FPS_MAX_FRAMES
+    max_video_pixels: int = 90_316_800  # qwen-vl-utils' VIDEO_TOTAL_PIXELS: resized pixels over a video's frames
     max_request_bytes: int = 256 << 20
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
@@ -130,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the models run")
     a("--max_images_per_request", type=int, default=16, help="more images than this is a 400")
     a("--max_image_bytes", type=int, default=32 << 20, help="larger images are refused with 413")
+    a("--max_videos_per_request", type=int, default=4, help="more videos than this is a 400")
+    a("--max_video_bytes", type=int, default=256 << 20, help="larger video files are refused with 413")
+    a("--max_video_frames", type=int, default=768,
+      help="most frames sampled from one video: fps sampling stops there; a larger num_frames is a 400")
+    a("--max_video_pixels", type=int, default=90_316_800,
+      help="pixel budget of one video (resized pixels over its sampled frames): Qwen2-VL shrinks frames to fit "
+           "(qwen-vl-utils' VIDEO_TOTAL_PIXELS rule); a video still over it is a 413")
     a("--max_request_bytes", type=int, default=256 << 20, help="larger request bodies are refused with 413")
     a("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     a("--allowed_local_media_path", default=None,
@@ -245,6 +256,8 @@ def check_args(a: ServerArgs) -> None:
                 "--visual_infer_batch_size": a.visual_infer_batch_size, "--cache_capacity": a.cache_capacity,
                 "--visual_dp": a.visual_dp, "--visual_tp": a.visual_tp, "--port": a.port,
                 "--max_images_per_request": a.max_images_per_request, "--max_image_bytes": a.max_image_bytes,
+                "--max_videos_per_request": a.max_videos_per_request, "--max_video_bytes": a.max_video_bytes,
+                "--max_video_frames": a.max_video_frames, "--max_video_pixels": a.max_video_pixels,
                 "--max_waiting_requests": a.max_waiting_requests, "--cache_max_bytes": a.cache_max_bytes,
                 "--max_n": a.max_n}
     for name, value in positive.items():

@@ -35,6 +35,7 @@ class ImageRef:
     # Embeddings sent by the client: a segment the HTTP process owns (not a cache record,
     # record_id 0) and unlinks when the request ends; never goes through the ViT.
     precomputed: bool = False
+    label: str = ""  # how errors name it in its request ("image 0", "video 1"); "" → "image {index}"
 
 
 @dataclass

@@ -9,6 +9,8 @@
     sess = pipe.chat(("describe", img)); sess = pipe.chat("and the colors?", session=sess)
     for out in pipe.stream_infer(("describe", img)): print(out.text, end="")
     pipe.generate("<image>\\nDescribe.", images=[img])  # a raw prompt: no template
+    pipe(("what happens?", Video("clip.mp4", num_frames=8)))            # a video (bytes, path, URL, frames)
+    pipe.generate("<video>What happens?", images=[Video(frames, fps=2.0)])  # PIL frames already sampled
 
 LMDeploy's options (`mmserver.messages`) are accepted as they are:
 
@@ -21,6 +23,12 @@ An image is a PIL image, a path, bytes, an http(s) or `data:image/…;base64,` U
 (see `frontend/embeds.py`); Qwen2-VL's embeddings carry their grid: `(tensor, [t, h, w])` or
 `{"embeds": tensor, "grid_thw": [t, h, w]}`. The model code and the engine are the ones the server's
 workers run.
+
+A `Video` is file bytes, a path, an http(s) or `data:video/…;base64,` URL, or a list of PIL
+frames already sampled (each used once; `fps`: the rate they were sampled at). Its options
+(`num_frames` or `fps`, and the family's, e.g. Qwen2-VL's `max_pixels`) are as the server's
+`video_url`; `<video>` marks its place in a raw prompt. Videos and images share the
+`images` lists: each is matched to the next placeholder of its own kind.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ from .engine.sampling import SamplingParams
 from .frontend import embeds as embeds_io
 from .frontend.detokenize import IncrementalDetokenizer
 from .messages import ChatTemplateConfig, EngineOptions, VisionConfig
+from .models import video_frames
 from .models.errors import ImageError, OptionError, PromptError
-from .models.family import LoadedModel, ModelFamily, Span, VisionInput
+from .models.family import ImagePlan, LoadedModel, ModelFamily, Span, VideoLimits, VisionInput
 from .models.registry import load_family
 
 IMAGE_TOKEN = ModelFamily.image_placeholder  # "<image>": place images yourself in the text of (text, images)
@@ -144,10 +153,33 @@ class Message:
     images: list["ImageInput"] = field(default_factory=list)
 
 
+class Video:
+    """A video input: file bytes, a path, an http(s) / data: URL, or a list of PIL frames
+    already sampled. `num_frames` or `fps` choose the frames (the family's rule); other
+    keywords are the family's options (Qwen2-VL: min_pixels / max_pixels)."""
+
+    def __init__(self, source: Any, num_frames: int | None = None, fps: float | None = None, **options: Any):
+        self.source = source
+        self.options = {**options, **{k: v for k, v in (("num_frames", num_frames), ("fps", fps)) if v is not None}}
+
+    def __repr__(self) -> str:
+        what = f"{len(self.source)} frames" if isinstance(self.source, (list, tuple)) else type(self.source).__name__
+        return f"Video({what}, {self.options})"
+
+
 @dataclass
 class ImageInput:
-    source: Any  # PIL image, path, bytes, URL, or an embeddings tensor
+    source: Any  # PIL image, path, bytes, URL, or an embeddings tensor; a video's source
     options: dict = field(default_factory=dict)  # given with the image (e.g. max_dynamic_patch), for the family
+    kind: str = "image"  # or "video"
+
+    @classmethod
+    def of(cls, x: Any) -> "ImageInput":
+        if isinstance(x, ImageInput):
+            return x
+        if isinstance(x, Video):
+            return cls(x.source, dict(x.options), "video")
+        return cls(x)
 
 
 @dataclass
@@ -165,14 +197,16 @@ class _Visual:
     input: VisionInput | None = None  # an image, as its family's encoder takes it; encoded before it runs
     embeds: torch.Tensor | None = None  # [n_tokens, hidden] given by the caller
     key: str = ""  # content identity for the prefix cache: a digest of what the encoder (or the LLM) gets
-    grid: tuple[int, ...] = ()  # of given embeddings: the family's grid for the positions (Qwen2-VL: grid_thw)
+    grid: tuple[int, ...] = ()  # the family's grid for the positions (Qwen2-VL: grid_thw; a video's plan grid)
+    plan: ImagePlan | None = None  # a video's plan (its spans)
 
 
 @dataclass
 class _Prepared:
     ids: list[int]
     spans: list[Span]
-    visuals: list[_Visual]
+    visuals: list[_Visual]  # in prompt order
+    keys: list[str] = field(default_factory=list)  # per span: its input's prefix-cache identity
 
 
 def resolve_device(device: str) -> str:
@@ -228,6 +262,7 @@ class Pipeline:
         self.stop_token_ids = self.family.stop_token_ids()
         self.default_gen_config = GenerationConfig.from_model_dir(self.model_dir)
         self.fetch_timeout = URL_TIMEOUT_S
+        self.video_limits = VideoLimits()
         if self._tp is not None:  # rank 0's Engine sends each batch to the followers first
             self.engine = Engine(self._tp.leader, self._tp.engine_config, tokenizer=self.tokenizer)
         else:
@@ -293,7 +328,7 @@ class Pipeline:
         if len(image_lists) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(image_lists)} image lists")
         gen = gen_config or self.default_gen_config
-        requests = [(p, [ImageInput(x) for x in imgs]) for p, imgs in zip(prompt_list, image_lists)]
+        requests = [(p, [ImageInput.of(x) for x in imgs]) for p, imgs in zip(prompt_list, image_lists)]
         results = self._collect(self._submit(requests, gen), gen)
         return results[0] if single else results
 
@@ -303,7 +338,7 @@ class Pipeline:
         and each image's encoder input, as the reference processor gives it (an embeddings
         input adds ids but no input). `image_max_patch_num` (and other image options, e.g.
         max_pixels) as in GenerationConfig."""
-        p = self._prepare(prompt, [ImageInput(x) for x in images],
+        p = self._prepare(prompt, [ImageInput.of(x) for x in images],
                           {"image_max_patch_num": image_max_patch_num, **image_options})
         return p.ids, [v.input.pixels for v in p.visuals if v.input is not None]
 
@@ -315,17 +350,43 @@ class Pipeline:
         return prompt, [img for m in messages for img in m.images]
 
     def _content(self, m: Message) -> list[dict]:
-        if m.images and not any(part.get("type") == "image" for part in m.parts):
-            # a (text, images) turn: the family places its images in the text
+        if m.images and not any(part.get("type") in ("image", "video") for part in m.parts):
+            # a (text, images) turn: the family places its images (and videos) in the text
             text = "".join(part.get("text", "") for part in m.parts)
-            return [{"type": "text", "text": self.family.question_with_images(text, len(m.images))}]
+            n_videos = sum(x.kind == "video" for x in m.images)
+            return [{"type": "text", "text": self.family.question_with_media(text, len(m.images) - n_videos, n_videos)}]
         return m.parts
 
-    def _prepare(self, prompt: str, images: list[ImageInput], request_options: dict[str, Any]) -> _Prepared:
+    def _prepare(self, prompt: str, inputs: list[ImageInput], request_options: dict[str, Any]) -> _Prepared:
         self.family.image_options(request_options, {})  # checked even without images, as the server does
-        visuals = [self._visual(img, i, request_options) for i, img in enumerate(images)]
-        ids, spans = self.family.expand_prompt(prompt, [v.n_tokens for v in visuals])
-        return _Prepared(ids, spans, visuals)
+        images = [self._visual(x, i, request_options)
+                  for i, x in enumerate([x for x in inputs if x.kind == "image"])]
+        videos = [self._video(x, j, request_options) for j, x in enumerate([x for x in inputs if x.kind == "video"])]
+        exp = self.family.expand_media(prompt, [ImagePlan(v.n_tokens, v.grid) for v in images],
+                                       [v.plan for v in videos])
+        lists = {"image": images, "video": videos}
+        ordered = list(dict.fromkeys(exp.items))  # each input once, in prompt order
+        counts = {item: exp.items.count(item) for item in ordered}
+        keys, seen = [], {item: 0 for item in ordered}
+        for item in exp.items:  # an input with several spans (a video's frames): one key each
+            key = lists[item[0]][item[1]].key
+            keys.append(key if counts[item] == 1 else f"{key}#{seen[item]}")
+            seen[item] += 1
+        return _Prepared(exp.ids, exp.spans, [lists[kind][i] for kind, i in ordered], keys)
+
+    def _video(self, vid: ImageInput, index: int, request_options: dict[str, Any]) -> _Visual:
+        source = self._fetch(vid.source, index, "video")
+        frame_list = video_frames.is_frame_list(source)
+        options = self.family.video_options(request_options, vid.options, self.video_limits, frame_list=frame_list)
+        if frame_list:
+            meta = video_frames.frame_list_meta(source, vid.options.get("fps"), index)
+        else:
+            source = video_frames.video_bytes(source, index)
+            meta = video_frames.probe(source, index)
+        plan = self.family.plan_video(meta, options, index)
+        x = self.family.preprocess_video(source, options, index, normalize=True)
+        return _Visual(plan.n_tokens, input=x, key=f"pixels:{embeds_io.digest(x.pixels)}:{plan.grid}:{options}",
+                       grid=plan.grid, plan=plan)
 
     def _visual(self, img: ImageInput, index: int, request_options: dict[str, Any]) -> _Visual:
         if (given := _embeds_source(img.source)) is not None:
@@ -344,9 +405,10 @@ class Pipeline:
         # the compact form instead; the encoder gives the same rows for both).
         x = self.family.preprocess(self._fetch(img.source, index), options, index, normalize=True)
         # Keyed on the preprocessed pixels (any source, PIL images included) and the options.
-        return _Visual(x.n_tokens, input=x, key=f"pixels:{embeds_io.digest(x.pixels)}:{x.grid}:{options}")
+        return _Visual(x.n_tokens, input=x, key=f"pixels:{embeds_io.digest(x.pixels)}:{x.grid}:{options}",
+                       grid=x.grid)
 
-    def _fetch(self, source: Any, index: int) -> Any:
+    def _fetch(self, source: Any, index: int, kind: str = "image") -> Any:
         """The bytes of an http(s) or data: URL; any other source as it is."""
         if not isinstance(source, str) or not source.startswith(("http://", "https://", "data:")):
             return source
@@ -356,7 +418,7 @@ class Pipeline:
             with urllib.request.urlopen(source, timeout=self.fetch_timeout) as r:
                 return r.read()
         except Exception as e:  # urllib and base64 raise many types; the message names the image
-            raise ImageError(index, f"cannot read {source[:100]!r} ({type(e).__name__}: {e})") from None
+            raise ImageError(index, f"cannot read {source[:100]!r} ({type(e).__name__}: {e})", kind) from None
 
     # ----------------------------------------------------------------------------------
     # Generation
@@ -383,10 +445,8 @@ class Pipeline:
             for index, p in enumerate(prepared):
                 rows = [embeds.pop(0) for _ in p.visuals]
                 rid = self.engine.add_request(p.ids, _copy_params(params),
-                                              **self.image_inputs(p.ids, rows, p.spans, [v.key for v in p.visuals]),
-                                              **self.family.rope_inputs(p.ids, p.spans,
-                                                                        [v.input.grid if v.input else v.grid
-                                                                         for v in p.visuals]))
+                                              **self.image_inputs(p.ids, rows, p.spans, p.keys),
+                                              **self.family.rope_inputs(p.ids, p.spans, [v.grid for v in p.visuals]))
                 detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens, list(gen.stop_sequences),
                                                prompt_ids=p.ids)
                 live[rid] = _Live(index, len(p.ids), detok)
@@ -519,7 +579,7 @@ def _conversation(item: Any) -> list[Message]:
 def _user_turn(text: str, images: list[Any]) -> Message:
     # The family places the images in the text (InternVL's chat(): before the question unless
     # the text places them with <image>): see `Pipeline._render`.
-    return Message("user", [{"type": "text", "text": text}], [ImageInput(x) for x in images])
+    return Message("user", [{"type": "text", "text": text}], [ImageInput.of(x) for x in images])
 
 
 def _openai_message(m: dict, index: int) -> Message:
@@ -535,7 +595,7 @@ def _openai_message(m: dict, index: int) -> Message:
             parts.append({"type": "text", "text": part.get("text", "")})
             continue
         images.append(_image_part(part, kind, index))
-        parts.append({"type": "image"})
+        parts.append({"type": images[-1].kind})
     return Message(role, parts, images)
 
 
@@ -555,8 +615,16 @@ def _image_part(part: dict, kind: str, index: int) -> ImageInput:
         return ImageInput(value, {k: v for k, v in part.items() if k not in ("type", kind)})
     if kind == "image":
         return ImageInput(part.get(kind))
+    if kind == "video_url":  # OpenAI-style, as the server's: {"url": …, "num_frames": n, …}
+        value = part.get("video_url")
+        if isinstance(value, dict):
+            return ImageInput(value.get("url"), {k: v for k, v in value.items() if k != "url"}, "video")
+        return ImageInput(value, {}, "video")
+    if kind == "video":  # {"type": "video", "video": bytes | path | URL | [PIL frames] | Video}
+        value = part.get(kind)
+        return ImageInput.of(value) if isinstance(value, Video) else ImageInput(value, {}, "video")
     raise PromptError(f"message {index}: content part type {kind!r} is not supported "
-                      "(use 'text', 'image_url', 'image_data', 'image' or 'image_embeds')")
+                      "(use 'text', 'image_url', 'image_data', 'image', 'image_embeds', 'video_url' or 'video')")
 
 
 def _copy_params(params: SamplingParams) -> SamplingParams:

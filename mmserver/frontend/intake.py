@@ -1,5 +1,6 @@
-"""Request intake: images → bytes, md5 and token counts; prompt → token ids with the image
-placeholders expanded; then cache references and shared-memory image bytes. What an image
+"""Request intake: images and videos → bytes, md5 and token counts (a video's from its header:
+frame count and rate, no frame decoded here); prompt → token ids with the placeholders
+expanded; then cache references and shared-memory image bytes. What an image
 becomes, and how a prompt is expanded, is the model family's (`models/family.py`).
 
 Precomputed embeddings (`{"type": "embeds"}`, see `embeds.py`) skip the cache and the ViT:
@@ -19,8 +20,8 @@ import torch
 from ..embed_cache import shm
 from ..embed_cache.service import CacheClient
 from ..ipc import ImageRef
-from ..models.errors import OptionError, PromptError
-from ..models.family import ImagePlan, ModelFamily, Span
+from ..models.errors import ImageError, MediaTooLarge, OptionError, PromptError
+from ..models.family import ImagePlan, ModelFamily, Span, VideoLimits
 from . import embeds as embeds_io
 from . import images as image_io
 from .coalesce import Coalescer
@@ -34,6 +35,8 @@ class IntakeLimits:
     allowed_local_dir: str | None
     max_req_len: int
     cache_wait_s: float
+    video: VideoLimits = VideoLimits()
+    max_video_bytes: int = 256 << 20
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PreparedImage:
     loaded: image_io.LoadedImage
     plan: ImagePlan
     options: str  # the family's option key
+    label: str = ""  # "image 0", "video 1": how errors name it
 
     @property
     def n_tokens(self) -> int:
@@ -70,6 +74,16 @@ class PreparedEmbeds:
 
 
 Prepared = Union[PreparedImage, PreparedEmbeds]
+
+
+@dataclass
+class MediaLayout:
+    """A prompt expanded with its images and videos."""
+
+    ids: list[int]
+    spans: list[Span]  # in prompt order
+    media: list[Prepared]  # each input once, in the order of its first span (its rows' order)
+    keys: list[str]  # per span: its input's identity for the KV prefix cache
 
 
 @dataclass
@@ -130,7 +144,49 @@ class Intake:
                                           max_bytes=l.max_image_bytes, allowed_dir=l.allowed_local_dir)
                 loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect, raw, i)
             options = option_keys[i]
-            return PreparedImage(loaded, self.family.plan_image(loaded.width, loaded.height, options), options)
+            return PreparedImage(loaded, self.family.plan_image(loaded.width, loaded.height, options), options,
+                                 f"image {i}")
+
+        return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
+
+    def video_options(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[str]:
+        """Each video's option key (the family validates against the server's caps). Errors name
+        the option as the client wrote it."""
+        keys = []
+        for spec in specs:
+            try:
+                keys.append(self.family.video_options(request_options, spec.options, self.limits.video))
+            except OptionError as e:
+                if e.name in spec.options:
+                    where = f"{spec.where}.{e.name}"
+                    raise BadParam(f"{where} {e.detail}", where) from None
+                raise BadParam(f"parameter '{e.name}' {e.detail}", e.name) from None
+        return keys
+
+    async def load_videos(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[PreparedImage]:
+        """Each video's bytes, header and what it becomes. Only the header is read here (in a
+        thread); the visual worker decodes the sampled frames."""
+        if specs and not self.family.supports_video:
+            raise BadRequest(f"videos were sent but {self.family.name} models do not take videos")
+        l = self.limits
+        option_keys = self.video_options(specs, request_options)
+
+        async def one(i: int, spec) -> PreparedImage:
+            loop = asyncio.get_running_loop()
+            if image_io.is_inline(spec.type, spec.data):
+                loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect_video_base64, spec.data, i,
+                                                    l.max_video_bytes)
+            else:
+                raw = await image_io.load(spec.type, spec.data, i, session=self.session, timeout=l.fetch_timeout,
+                                          max_bytes=l.max_video_bytes, allowed_dir=l.allowed_local_dir, kind="video")
+                loaded = await loop.run_in_executor(self._decode_pool, image_io.inspect_video, raw, i)
+            try:
+                plan = self.family.plan_video(loaded.meta, option_keys[i], i)
+            except MediaTooLarge as e:
+                raise TooLarge(str(e)) from None
+            except ImageError as e:
+                raise BadRequest(str(e)) from None
+            return PreparedImage(loaded, plan, option_keys[i], f"video {i}")
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
 
@@ -154,12 +210,23 @@ class Intake:
             raise BadParam(f"{where} {e.detail}", where if spec.where else e.name) from None
         return PreparedEmbeds(t, embeds_io.digest(t), grid)
 
-    def tokenize(self, prompt: str, images: list[Prepared]) -> tuple[list[int], list[Span]]:
-        """The prompt's ids with each image's positions, and where each image's rows go."""
+    def tokenize(self, prompt: str, images: list[Prepared], videos: Sequence[PreparedImage] = ()) -> MediaLayout:
+        """The prompt's ids with each image's and video's positions, where their rows go, and
+        the inputs in the order of their rows."""
+        plans = [im.plan if isinstance(im, PreparedImage) else ImagePlan(im.n_tokens, im.grid) for im in images]
         try:
-            return self.family.expand_prompt(prompt, [im.n_tokens for im in images])
+            exp = self.family.expand_media(prompt, plans, [v.plan for v in videos])
         except PromptError as e:
             raise BadRequest(str(e)) from None
+        lists = {"image": images, "video": videos}
+        order = list(dict.fromkeys(exp.items))  # each input once, in prompt order
+        per_item = {item: exp.items.count(item) for item in order}
+        keys, seen = [], dict.fromkeys(order, 0)
+        for item in exp.items:  # an input with several spans (an InternVL video's frames): a key each
+            key = lists[item[0]][item[1]].cache_key
+            keys.append(key if per_item[item] == 1 else f"{key}#{seen[item]}")
+            seen[item] += 1
+        return MediaLayout(exp.ids, exp.spans, [lists[kind][i] for kind, i in order], keys)
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         total = n_prompt + max_new_tokens
@@ -197,7 +264,8 @@ class Intake:
                 raise Overloaded(f"image-embedding cache is full of images in use; retried for "
                                  f"{self.limits.cache_wait_s:g}s")
             await asyncio.sleep(0.05)
-        refs = [ImageRef(rid, emb, img, n_tok, len(im.loaded.data), not has_emb, im.options, im.plan.grid)
+        refs = [ImageRef(rid, emb, img, n_tok, len(im.loaded.data), not has_emb, im.options, im.plan.grid,
+                         label=im.label)
                 for (rid, emb, img, has_emb), im, (_, n_tok, _) in zip(got, images, items)]
         try:
             await loop.run_in_executor(self._decode_pool, _write_image_bytes, refs, images)

@@ -33,6 +33,7 @@ class AppState:
     health: Callable[[], str | None]  # None when healthy, else the reason
     stats: dict[str, dict]
     max_n: int = 8  # most samples (`n`) one OpenAI request may ask for
+    max_videos: int = 4
     api_key: str | None = None  # when set, every route but /health and /metrics needs it
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     health_details: Callable[[], dict] | None = None  # more /health fields (e.g. each remote encoder's state)

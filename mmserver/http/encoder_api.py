@@ -30,6 +30,7 @@ from ..frontend import images as image_io
 from ..frontend.errors import BadRequest, HTTPError, Unavailable
 from ..frontend.streams import Counters
 from ..ipc import Abort, Failure, ImageRef, ServeRequest, Submit, VisualStats
+from ..models.family import is_video_options
 from ..visual.remote import DTYPE_NAMES, pack, unpack
 from .auth import auth_middleware
 from .metrics import CONTENT_TYPE, ServerMetrics, Snapshot
@@ -86,10 +87,14 @@ class EncoderService:
     async def encode_one(self, data: bytes, options: str) -> tuple[dict, bytes]:
         loop = asyncio.get_running_loop()
         try:
-            if len(data) > self.max_image_bytes:
-                raise BadRequest(f"{len(data)} bytes exceeds the {self.max_image_bytes}-byte limit")
-            loaded = await loop.run_in_executor(self.decode_pool, image_io.inspect, data, 0)
-            plan = self.family.plan_image(loaded.width, loaded.height, options)
+            if is_video_options(options):  # a video's header: frame count, rate, size
+                loaded = await loop.run_in_executor(self.decode_pool, image_io.inspect_video, data, 0)
+                plan = self.family.plan_video(loaded.meta, options)
+            else:
+                if len(data) > self.max_image_bytes:
+                    raise BadRequest(f"{len(data)} bytes exceeds the {self.max_image_bytes}-byte limit")
+                loaded = await loop.run_in_executor(self.decode_pool, image_io.inspect, data, 0)
+                plan = self.family.plan_image(loaded.width, loaded.height, options)
         except HTTPError as e:
             return {"status": "invalid", "message": e.message}, b""
         except Exception as e:  # the option string does not parse for this family

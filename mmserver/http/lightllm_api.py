@@ -21,7 +21,7 @@ def _top(state: AppState, ev) -> list[dict]:
 
 async def generate(request: web.Request) -> web.Response:
     state: AppState = request.config_dict["state"]
-    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
+    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images, state.max_videos)
     [sub] = await prepare(state, req, arrival=request.get("arrival"))
     tokens = []
     last = None
@@ -44,7 +44,7 @@ async def generate(request: web.Request) -> web.Response:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     state: AppState = request.config_dict["state"]
-    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images)
+    req = parse_generate(await json_body(request), state.stop_token_ids, state.max_images, state.max_videos)
     [sub] = await prepare(state, req, arrival=request.get("arrival"))
     n_prompt = len(sub.serve.input_ids)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -79,9 +79,10 @@ async def tokens(request: web.Request) -> web.Response:
     state: AppState = request.config_dict["state"]
     body = await json_body(request)
     req = parse_generate({**body, "parameters": body.get("parameters") or {}} if isinstance(body, dict) else body,
-                         state.stop_token_ids, state.max_images)
+                         state.stop_token_ids, state.max_images, state.max_videos)
     images = await state.intake.load_images(req.images, req.image_options)
-    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images)[0])})
+    videos = await state.intake.load_videos(req.videos, req.image_options)
+    return web.json_response({"ntokens": len(state.intake.tokenize(req.inputs, images, videos).ids)})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -15,6 +15,9 @@ Where OpenAI's API leaves room (documented in the README):
   LMDeploy's `max_dynamic_patch`, a per-image tile cap; unknown ones are ignored);
 - `{"type": "image_embeds", "image_embeds": "<base64 safetensors>"}`: precomputed embeddings
   (Qwen2-VL's also carry `"grid_thw": [t, h, w]`);
+- `{"type": "video_url", "video_url": {"url": "http(s)://…" | "data:video/…;base64,…",
+  "num_frames": n | "fps": f, …}}`: a video (vLLM / SGLang / LMDeploy's part); other keys are
+  the family's options (Qwen2-VL: min_pixels / max_pixels per frame);
 - vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens;
   structured outputs by `response_format` or vLLM's `structured_outputs` / `guided_*`;
 - `logprobs` / `top_logprobs`: raw log-probabilities (as /generate reports them); a token's
@@ -37,7 +40,7 @@ from .common import AppState, json_body
 from .openai_common import (GUIDED, PARAM_NAMES, InvalidRequest, chat_logprobs, check_fields, check_model,
                             finish_reason, parse_n, sampling, stream_options, stream_sse, top_logprobs_of, usage)
 from .requests import Submission, merged, prepare
-from .schemas import GenerateRequest, ImageSpec, check_image_count
+from .schemas import GenerateRequest, ImageSpec, check_image_count, check_video_count
 
 STARTED = int(time.time())
 
@@ -47,7 +50,7 @@ _FIELDS = {"messages", "model", "stream", "stream_options", "n", "logprobs", "to
 # Accepted and ignored: they do not change what is generated.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _ROLES = ("system", "developer", "user", "assistant")
-_PART_TYPES = ("text", "image_url", "image_embeds")
+_PART_TYPES = ("text", "image_url", "image_embeds", "video_url")
 
 
 @dataclass
@@ -72,8 +75,11 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     stream, include_usage = stream_options(body)
     n = parse_n(body, state.max_n)
     top_logprobs = top_logprobs_of(body)
-    messages, images = parse_messages(body.get("messages"))
+    messages, media = parse_messages(body.get("messages"))
+    images = [m for m in media if m.kind == "image"]
+    videos = [m for m in media if m.kind == "video"]
     check_image_count(len(images), state.max_images)
+    check_video_count(len(videos), state.max_videos)
     try:
         prompt = state.intake.family.render_chat(messages)
     except PromptError as e:
@@ -82,12 +88,13 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     # without max_tokens: lowered to the prompt's room in prepare()
     params, skip_special = sampling(body, _PARAM_NAMES, state.stop_token_ids, state.intake.limits.max_req_len)
     params.top_logprobs = top_logprobs or 0
-    req = GenerateRequest(inputs=prompt, params=params, images=images, skip_special_tokens=skip_special)
+    req = GenerateRequest(inputs=prompt, params=params, images=images, videos=videos, skip_special_tokens=skip_special)
     return ChatRequest(req, n, stream, include_usage, fit, top_logprobs is not None)
 
 
 def parse_messages(raw: Any) -> tuple[list[dict], list[ImageSpec]]:
-    """Messages with content as text/image parts for the chat template, and the images in order."""
+    """Messages with content as text/image/video parts for the chat template, and the images and
+    videos in order (each ImageSpec says its kind)."""
     if raw is None:
         raise InvalidRequest("'messages' is required", "messages")
     if not isinstance(raw, list) or not raw:
@@ -129,6 +136,10 @@ def _parse_content(content: Any, where: str, role: str, images: list[ImageSpec])
                 raise InvalidRequest(f"{at}.text must be a string", f"{at}.text")
             parts.append({"type": "text", "text": part["text"]})
             continue
+        if kind == "video_url":
+            images.append(_video_url_spec(part.get("video_url"), at))
+            parts.append({"type": "video"})  # rendered where it stands, as the family marks a video
+            continue
         images.append(_image_url_spec(part.get("image_url"), at) if kind == "image_url"
                       else _embeds_spec(part, at))
         parts.append({"type": "image"})  # rendered as `<image>\n` by the template
@@ -146,6 +157,19 @@ def _image_url_spec(value: Any, at: str) -> ImageSpec:
                              f"got {url[:64]!r}", f"{at}.image_url.url")
     # Other keys (e.g. max_dynamic_patch) are the image's options: the model family checks them.
     return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.image_url")
+
+
+def _video_url_spec(value: Any, at: str) -> ImageSpec:
+    obj = {"url": value} if isinstance(value, str) else value
+    if not isinstance(obj, dict) or not isinstance(obj.get("url"), str):
+        raise InvalidRequest(f"{at}.video_url must be an object with a string 'url'", f"{at}.video_url")
+    url = obj["url"]
+    is_data = url.startswith("data:video/") and ";base64," in url
+    if not (is_data or url.startswith(("http://", "https://"))):
+        raise InvalidRequest(f"{at}.video_url.url must be an http(s) URL or a data:video/...;base64, URL, "
+                             f"got {url[:64]!r}", f"{at}.video_url.url")
+    # Other keys (num_frames, fps, the family's pixel options) are the video's options.
+    return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.video_url", kind="video")
 
 
 def _embeds_spec(part: dict, at: str) -> ImageSpec:

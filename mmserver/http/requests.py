@@ -53,13 +53,16 @@ async def prepare(state: AppState, req: GenerateRequest, *, n: int = 1, fit_to_c
     max_req_total_len (OpenAI's "no max_tokens given")."""
     if not admitted:
         admit(state, n)
-    if req.images and not state.multimodal:
-        raise BadRequest("images were sent but the server was started without --enable_multimodal")
+    if (req.images or req.videos) and not state.multimodal:
+        what = "images" if req.images else "videos"
+        raise BadRequest(f"{what} were sent but the server was started without --enable_multimodal")
     images = await state.intake.load_images(req.images, req.image_options)
+    videos = await state.intake.load_videos(req.videos, req.image_options)
     if req.input_ids is not None:  # token ids (completions): text only, nothing to expand
-        ids, spans = req.input_ids, []
+        ids, spans, media, keys = req.input_ids, [], [], []
     else:
-        ids, spans = state.intake.tokenize(req.inputs, images)
+        layout = state.intake.tokenize(req.inputs, images, videos)
+        ids, spans, media, keys = layout.ids, layout.spans, layout.media, layout.keys
     if not ids:
         raise BadRequest("the prompt is empty (0 tokens)")
     if fit_to_context:
@@ -69,9 +72,9 @@ async def prepare(state: AppState, req: GenerateRequest, *, n: int = 1, fit_to_c
     t_arrival = arrival if arrival is not None else time.monotonic()
     try:
         for params in sample_params(req.params, n):
-            refs = await state.intake.take_cache_refs(images)  # one reference per sample: each stream drops its own
-            serve = ServeRequest(state.streams.new_id(), ids, params, refs, spans,
-                                 image_keys=[im.cache_key for im in images], t_arrival=t_arrival)
+            refs = await state.intake.take_cache_refs(media)  # one reference per sample: each stream drops its own
+            serve = ServeRequest(state.streams.new_id(), ids, params, refs, spans, image_keys=keys,
+                                 t_arrival=t_arrival)
             subs.append(Submission(serve,
                                    refs, req.skip_special_tokens))
     except BaseException:

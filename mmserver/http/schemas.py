@@ -27,6 +27,9 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
     # Qwen2-VL's pixel range for the request's images (-1: the server's); may only narrow it
     "min_pixels": ((int,), -1),
     "max_pixels": ((int,), -1),
+    # The request's videos' sampling (-1: the model's default): a frame count, or frames per second
+    "num_frames": ((int,), -1),
+    "fps": ((int, float), -1),
     "return_details": ((bool,), False),
     "skip_special_tokens": ((bool,), True),
     "top_logprobs": ((int,), 0),  # alternatives per token in the details (0-20)
@@ -40,7 +43,8 @@ _PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
 
 IMAGE_TYPES = ("base64", "url", "file", "embeds")
 # Parameters handed to the model family as the request's image options (it validates them).
-IMAGE_OPTIONS = ("image_max_patch_num", "min_pixels", "max_pixels")
+IMAGE_OPTIONS = ("image_max_patch_num", "min_pixels", "max_pixels", "num_frames", "fps")
+VIDEO_TYPES = ("base64", "url", "file")
 
 
 class ParamError(BadRequest):
@@ -58,6 +62,7 @@ class ImageSpec:
     data: str
     options: dict[str, Any] = field(default_factory=dict)  # given with the image, for the model family
     where: str = ""  # the image's place in the request, to name a bad option
+    kind: str = "image"  # or "video"
 
 
 @dataclass
@@ -66,6 +71,7 @@ class GenerateRequest:
     params: SamplingParams
     images: list[ImageSpec] = field(default_factory=list)
     image_options: dict[str, Any] = field(default_factory=dict)  # the request's, for the model family
+    videos: list[ImageSpec] = field(default_factory=list)
     return_details: bool = False
     skip_special_tokens: bool = True
     input_ids: list[int] | None = None  # a prompt given as token ids (OpenAI completions): not tokenized again
@@ -155,30 +161,42 @@ def check_image_count(n: int, limit: int) -> None:
         raise BadRequest(f"{n} images given; at most {limit} are allowed per request")
 
 
-def parse_images(mm: Any, limit: int) -> list[ImageSpec]:
+def parse_images(mm: Any, limit: int, field_name: str = "images") -> list[ImageSpec]:
+    """`multimodal_params.images` (or `.videos`): objects {"type", "data", options…}."""
     if mm is None:
         return []
     if not isinstance(mm, dict):
         raise BadRequest("'multimodal_params' must be an object")
-    images = mm.get("images", [])
-    if not isinstance(images, list):
-        raise BadRequest("'multimodal_params.images' must be a list")
-    check_image_count(len(images), limit)
+    items = mm.get(field_name, [])
+    if not isinstance(items, list):
+        raise BadRequest(f"'multimodal_params.{field_name}' must be a list")
+    video = field_name == "videos"
+    if video:
+        check_video_count(len(items), limit)
+    else:
+        check_image_count(len(items), limit)
+    types = VIDEO_TYPES if video else IMAGE_TYPES
     out = []
-    for i, item in enumerate(images):
+    for i, item in enumerate(items):
+        where = f"multimodal_params.{field_name}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("data"), str):
-            raise BadRequest(f"multimodal_params.images[{i}] must be an object with a string 'data'")
+            raise BadRequest(f"{where} must be an object with a string 'data'")
         kind = item.get("type", "base64")
-        if kind not in IMAGE_TYPES:
-            raise BadRequest(f"multimodal_params.images[{i}].type {kind!r} is not one of {', '.join(IMAGE_TYPES)}")
-        # Other keys (e.g. max_pixels, max_dynamic_patch; grid_thw of embeds) are the image's
-        # options: the model family checks those it reads.
+        if kind not in types:
+            raise BadRequest(f"{where}.type {kind!r} is not one of {', '.join(types)}")
+        # Other keys (e.g. max_pixels, max_dynamic_patch, num_frames; grid_thw of embeds) are
+        # the item's options: the model family checks those it reads.
         out.append(ImageSpec(kind, item["data"], {k: v for k, v in item.items() if k not in ("type", "data")},
-                             where=f"multimodal_params.images[{i}]"))
+                             where=where, kind="video" if video else "image"))
     return out
 
 
-def parse_generate(body: Any, stop_token_ids: list[int], max_images: int) -> GenerateRequest:
+def check_video_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise BadRequest(f"{n} videos given; at most {limit} are allowed per request")
+
+
+def parse_generate(body: Any, stop_token_ids: list[int], max_images: int, max_videos: int = 4) -> GenerateRequest:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     inputs = body.get("inputs")
@@ -189,5 +207,6 @@ def parse_generate(body: Any, stop_token_ids: list[int], max_images: int) -> Gen
     p = parse_parameters(body.get("parameters"))
     return GenerateRequest(inputs=inputs, params=sampling_params(p, stop_token_ids),
                            images=parse_images(body.get("multimodal_params"), max_images),
+                           videos=parse_images(body.get("multimodal_params"), max_videos, "videos"),
                            image_options={k: p[k] for k in IMAGE_OPTIONS}, return_details=p["return_details"],
                            skip_special_tokens=p["skip_special_tokens"])

@@ -168,13 +168,14 @@ class VisualServer:
         for req_id in self.waiters.pop(record_id, []):
             req, left = self.pending.pop(req_id)
             self._unwait(req_id, left - {record_id})
-            index = next((i for i, r in enumerate(req.images) if r.record_id == record_id), 0)
+            index, ref = next(((i, r) for i, r in enumerate(req.images) if r.record_id == record_id), (0, None))
+            label = (ref.label if ref is not None else "") or f"image {index}"
             if kind == "invalid":
-                self.to_http.send(Failure(req_id, "invalid", f"image {index}: {message}"))
+                self.to_http.send(Failure(req_id, "invalid", f"{label}: {message}"))
             elif kind == "unavailable":
-                self.to_http.send(Failure(req_id, "unavailable", f"image {index}: {message}"))
+                self.to_http.send(Failure(req_id, "unavailable", f"{label}: {message}"))
             else:
-                self.to_http.send(Failure(req_id, "error", f"image {index} could not be encoded: {message}"))
+                self.to_http.send(Failure(req_id, "error", f"{label} could not be encoded: {message}"))
 
 
 def serve_forever(server: VisualServer, from_http: Connection) -> None:

@@ -112,7 +112,7 @@ class VitRunner:
             data = bytes(seg.buf[:ref.img_bytes])
         finally:
             seg.close()
-        x = self.family.preprocess(data, ref.options)
+        x = self.family.preprocess_media(data, ref.options)
         if x.n_tokens and x.n_tokens != ref.n_tokens:  # the header and the decoded image disagree
             raise ValueError(f"image gives {x.n_tokens} tokens, the prompt reserved {ref.n_tokens}")
         return x
