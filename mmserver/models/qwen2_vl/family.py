@@ -250,7 +250,10 @@ class QwenVLFamily(ModelFamily):
         def pick(meta) -> list[int]:
             if seen is not None:
                 seen.append(meta)
-            return list(range(meta.n_frames)) if listed else self._sampling(meta, s, index).indices
+            if listed:
+                return list(range(meta.n_frames))
+            self._video_plan(meta, s, index, listed)  # refuse (size, budget) before decoding a frame
+            return self._sampling(meta, s, index).indices
 
         return pick
 
