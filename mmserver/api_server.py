@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 
 from .args import ArgError, ServerArgs, parse_args
@@ -15,7 +14,6 @@ from .nodes import NodeWatch, link_port, local_ranks, run_node, tp_init_method
 
 log = logging.getLogger("mmserver")
 
-HEALTH_POLL_S = 0.25
 SHUTDOWN_GRACE_S = 3.0  # in-flight requests get this long to end after SIGTERM
 
 
@@ -108,7 +106,7 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     from .models.family import VideoLimits
     from .frontend.media_policy import MediaPolicy
     from .frontend.streams import Streams
-    from .http.app import build_app
+    from .http.app import build_app, serve_until_signal
     from .http.common import AppState
     from .ipc import Failure, Outputs, RouterStats, VisualStats
     loop = asyncio.get_running_loop()
@@ -167,24 +165,9 @@ async def serve_http(args: ServerArgs, cluster: Cluster, family, stop_ids, ends:
     print(f"mmserver ready on http://{args.host}:{args.port} "
           f"(kv slots {ends['router_info']['kv_slots']}, max_req_total_len {max_req_len})", flush=True)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def watch_children() -> None:
-        while not stop.is_set():
-            reason = dead()
-            if reason and streams.failure is None:
-                log.error("worker failure: %s", reason)
-                streams.fail_all(reason)
-            await asyncio.sleep(HEALTH_POLL_S)
-
-    watcher = asyncio.create_task(watch_children())
     try:
-        await stop.wait()
+        await serve_until_signal(dead, lambda: streams.failure is not None, streams.fail_all, log)
     finally:
-        watcher.cancel()
-        streams.fail_all("server shutting down")
         await runner.cleanup()
         await session.close()
         intake.close()

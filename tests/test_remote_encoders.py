@@ -99,6 +99,23 @@ def test_repeated_image_is_a_cache_hit_on_the_llm_side(servers, pipe):
     assert [e.settled_metrics()["mmserver_vit_images_total"] for e in encoders] == before  # no encoder saw it
 
 
+def test_a_video_is_encoded_remotely(servers, pipe):
+    """A video's bytes and option key travel to an encoder, which samples and decodes it there."""
+    import base64
+
+    from mmserver import Video
+    from video_util import make_clip
+
+    llm, _ = servers
+    clip = make_clip(n_frames=12, fps=6, seed=5)
+    body = gen_body("<video>What happens?", max_new_tokens=N, ignore_eos=True, return_details=True)
+    body["multimodal_params"] = {"videos": [{"type": "base64", "data": base64.b64encode(clip).decode(),
+                                             "num_frames": 3}]}
+    status, out = post(llm, body)
+    assert status == 200, out
+    assert ids(out) == expect(pipe, "<video>What happens?", [Video(clip, num_frames=3)])
+
+
 def test_encoder_requires_the_api_key_and_checks_its_input(servers, ckpt):
     _, encoders = servers
     body = pack({"images": [{"options": "", "bytes": 3}]}, [b"abc"])

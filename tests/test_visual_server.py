@@ -80,6 +80,17 @@ def test_a_failed_image_fails_every_request_waiting_for_it(h):
     h.assert_idle()
 
 
+def test_a_failure_names_the_item_by_its_label(h):
+    """A video's record fails as "video j" in its request (its place among the videos)."""
+    req = request(1, images=(image_ref(8), image_ref(7)))
+    req.images[1].label = "video 0"
+    h.server.handle(Submit(req))
+    h.server.dispatch()
+    h.encode(done=[8], failed=[(7, "invalid", "truncated")])
+    assert h.to_http == [Failure(1, "invalid", "video 0: truncated")]
+    h.assert_idle()
+
+
 def test_an_encoder_error_is_a_500_kind_failure(h):
     h.submit(1, 7)
     h.server.dispatch()

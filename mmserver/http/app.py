@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+from typing import Callable
+
 from aiohttp import web
 
 from . import completions, lightllm_api, openai_api
@@ -17,3 +22,32 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     openai_api.add_routes(app.router)
     completions.add_routes(app.router)
     return app
+
+
+HEALTH_POLL_S = 0.25
+
+
+async def serve_until_signal(dead: Callable[[], str | None], failed: Callable[[], bool],
+                             fail_all: Callable[[str], None], log: logging.Logger) -> None:
+    """Return on SIGINT / SIGTERM; meanwhile, when a worker dies (`dead()` names why), fail
+    every request in flight once (`failed()`: already done). On the way out, whatever is
+    still in flight fails with "server shutting down"; the caller then tears down."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_children() -> None:
+        while not stop.is_set():
+            reason = dead()
+            if reason and not failed():
+                log.error("worker failure: %s", reason)
+                fail_all(reason)
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    watcher = asyncio.create_task(watch_children())
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        fail_all("server shutting down")

@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -32,12 +31,12 @@ from ..frontend.streams import Counters
 from ..ipc import Abort, Failure, ImageRef, ServeRequest, Submit, VisualStats
 from ..models.family import is_video_options
 from ..visual.remote import DTYPE_NAMES, pack, unpack
+from .app import serve_until_signal
 from .auth import auth_middleware
 from .metrics import CONTENT_TYPE, ServerMetrics, Snapshot
 
 log = logging.getLogger("mmserver.encoder")
 
-HEALTH_POLL_S = 0.25
 
 
 class EncoderService:
@@ -256,24 +255,9 @@ async def serve_encoder(args, cluster, family, ends: dict) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     print(f"mmserver encoder (visual_only) ready on http://{args.host}:{args.port}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def watch_children() -> None:
-        while not stop.is_set():
-            reason = cluster.dead()
-            if reason and svc.failure is None:
-                log.error("worker failure: %s", reason)
-                svc.fail_all(reason)
-            await asyncio.sleep(HEALTH_POLL_S)
-
-    watcher = asyncio.create_task(watch_children())
     try:
-        await stop.wait()
+        await serve_until_signal(cluster.dead, lambda: svc.failure is not None, svc.fail_all, log)
     finally:
-        watcher.cancel()
-        svc.fail_all("server shutting down")
         await runner.cleanup()
         svc.close()
         cache.close()

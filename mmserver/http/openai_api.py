@@ -147,29 +147,27 @@ def _parse_content(content: Any, where: str, role: str, images: list[ImageSpec])
 
 
 def _image_url_spec(value: Any, at: str) -> ImageSpec:
-    obj = {"url": value} if isinstance(value, str) else value
-    if not isinstance(obj, dict) or not isinstance(obj.get("url"), str):
-        raise InvalidRequest(f"{at}.image_url must be an object with a string 'url'", f"{at}.image_url")
-    url = obj["url"]
-    is_data = url.startswith("data:image/") and ";base64," in url
-    if not (is_data or url.startswith(("http://", "https://"))):
-        raise InvalidRequest(f"{at}.image_url.url must be an http(s) URL or a data:image/...;base64, URL, "
-                             f"got {url[:64]!r}", f"{at}.image_url.url")
-    # Other keys (e.g. max_dynamic_patch) are the image's options: the model family checks them.
-    return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.image_url")
+    return _url_spec(value, at, "image")
 
 
 def _video_url_spec(value: Any, at: str) -> ImageSpec:
+    return _url_spec(value, at, "video")
+
+
+def _url_spec(value: Any, at: str, kind: str) -> ImageSpec:
+    """An `image_url` / `video_url` object: an http(s) URL or a data:{kind}/…;base64, URL; its other
+    keys (max_dynamic_patch, num_frames, fps, max_pixels, …) are the item's options, which the
+    model family checks."""
+    name = f"{kind}_url"
     obj = {"url": value} if isinstance(value, str) else value
     if not isinstance(obj, dict) or not isinstance(obj.get("url"), str):
-        raise InvalidRequest(f"{at}.video_url must be an object with a string 'url'", f"{at}.video_url")
+        raise InvalidRequest(f"{at}.{name} must be an object with a string 'url'", f"{at}.{name}")
     url = obj["url"]
-    is_data = url.startswith("data:video/") and ";base64," in url
+    is_data = url.startswith(f"data:{kind}/") and ";base64," in url
     if not (is_data or url.startswith(("http://", "https://"))):
-        raise InvalidRequest(f"{at}.video_url.url must be an http(s) URL or a data:video/...;base64, URL, "
-                             f"got {url[:64]!r}", f"{at}.video_url.url")
-    # Other keys (num_frames, fps, the family's pixel options) are the video's options.
-    return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.video_url", kind="video")
+        raise InvalidRequest(f"{at}.{name}.url must be an http(s) URL or a data:{kind}/...;base64, URL, "
+                             f"got {url[:64]!r}", f"{at}.{name}.url")
+    return ImageSpec("url", url, {k: v for k, v in obj.items() if k != "url"}, f"{at}.{name}", kind=kind)
 
 
 def _embeds_spec(part: dict, at: str) -> ImageSpec:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import WeightError, list_shards, progress_bar
+from ..checkpoint import WeightError, load_mapped
 from ..llm.config import LLMConfig
 from .config import InternVLConfig
 
@@ -195,25 +193,6 @@ def expected_shapes(cfg: InternVLConfig) -> dict[str, tuple[int, ...]]:
 # Loading
 
 
-def _read_shard(path: Path, cfg: InternVLConfig, device: str, prefixes: tuple[str, ...]) -> dict[str, list]:
-    from safetensors import safe_open
-
-    parts: dict[str, list] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            for key in f.keys():
-                target = map_key(key, cfg)
-                if target is None or not target[0].startswith(prefixes):
-                    continue
-                name, part, transform = target
-                parts.setdefault(name, []).append((part, key, transform(f.get_tensor(key))))
-    except WeightError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise WeightError(f"cannot read weight file {path.name}: {e} (truncated or corrupt?)") from None
-    return parts
-
-
 COMPONENTS = {"vision": ("vit.", "mlp1."), "llm": ("llm.",)}
 
 
@@ -226,31 +205,5 @@ def load_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, device: str 
     only the part it runs; `workers` threads read shards (LOADWORKER, via the caller).
     """
     prefixes = tuple(p for c in components for p in COMPONENTS[c])
-    model_dir = Path(model_dir)
-    shards = list_shards(model_dir)
-    workers = max(1, workers)
-    collected: dict[str, list] = {}
-    bar = progress_bar(len(shards), "loading weights", progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for parts in pool.map(lambda p: _read_shard(p, cfg, device, prefixes), shards):
-            for name, items in parts.items():
-                collected.setdefault(name, []).extend(items)
-            bar.update(1)
-    bar.close()
-
-    if "llm.lm_head.weight" not in collected and cfg.llm.tie_word_embeddings and "llm.embed.weight" in collected:
-        collected["llm.lm_head.weight"] = collected["llm.embed.weight"]
-    expected = {k: v for k, v in expected_shapes(cfg).items() if k.startswith(prefixes)}
-    missing = sorted(set(expected) - set(collected))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WeightError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-    weights: dict[str, torch.Tensor] = {}
-    for name, shape in expected.items():
-        items = sorted(collected[name], key=lambda x: x[0])
-        tensor = items[0][2] if len(items) == 1 else torch.cat([t for _, _, t in items], dim=0)
-        if tuple(tensor.shape) != shape:
-            sources = ", ".join(k for _, k, _ in items)
-            raise WeightError(f"tensor {sources} has shape {tuple(tensor.shape)}, expected {shape}")
-        weights[name] = tensor.to(dtype=dtype).contiguous()
-    return weights
+    return load_mapped(model_dir, lambda key: map_key(key, cfg), expected_shapes(cfg), prefixes, device, dtype,
+                       progress, workers, tied=cfg.llm.tie_word_embeddings)
