@@ -37,7 +37,7 @@ class ServerArgs:
     max_videos_per_request: int = 4
     max_video_bytes: int = 256 << 20
     max_video_frames: int = 768  # qwen-vl-utils' FPS_MAX_FRAMES
-    max_video_pixels: int = 90_316_800  # qwen-vl-utils' VIDEO_TOTAL_PIXELS: resized pixels over a video's frames
+    max_video_pixels: int = 90_316_800  # qwen-vl-utils' VIDEO_TOTAL_PIXELS (see VideoLimits)
     max_request_bytes: int = 256 << 20
     image_fetch_timeout: float = 10.0
     allowed_local_media_path: str | None = None
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_video_frames", type=int, default=768,
       help="most frames sampled from one video: fps sampling stops there; a larger num_frames is a 400")
     a("--max_video_pixels", type=int, default=90_316_800,
-      help="pixel budget of one video (resized pixels over its sampled frames): Qwen2-VL shrinks frames to fit "
-           "(qwen-vl-utils' VIDEO_TOTAL_PIXELS rule); a video still over it is a 413")
+      help="pixel budget of one video (InternVL: every sampled frame's 448x448 tile; Qwen2-VL: one frame per "
+           "temporal patch, frames shrunk to fit by qwen-vl-utils' VIDEO_TOTAL_PIXELS rule); over it is a 413")
     a("--max_request_bytes", type=int, default=256 << 20, help="larger request bodies are refused with 413")
     a("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     a("--allowed_local_media_path", default=None,

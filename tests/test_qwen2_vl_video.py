@@ -296,11 +296,11 @@ def test_rope_index_matches_transformers(family, qdir, n_frames, video_fps, fps)
             family.rope_inputs(exp.ids, exp.spans, [plans[0].grid, vplan.grid[:3], plans[2].grid])
 
 
-def test_temporal_steps_are_float32(family, qdir):
+def test_temporal_steps_are_float32(qwen_checkpoints):
     """84 frames already sampled at 20.5 fps: transformers multiplies in float32, which truncates
-    temporal patch 41 of Qwen2.5-VL to 7 where float64 gives 8."""
-    if family.config.kind != "qwen2_5_vl":
-        pytest.skip("Qwen2-VL's temporal positions are start + tt")
+    temporal patch 41 of Qwen2.5-VL to 7 where float64 gives 8 (Qwen2-VL's step is always 1)."""
+    qdir = qwen_checkpoints("qwen2_5_vl", max_pixels=MAX_PIXELS)
+    family = load_family(qdir)
     model, _ = _hf(str(qdir))
     options = family.video_options({}, {"fps": 20.5, "max_pixels": SMALL}, VideoLimits(), frame_list=True)
     plan = family.plan_video(VideoMeta(84, 20.5, 64, 48), options)

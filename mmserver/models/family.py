@@ -70,7 +70,9 @@ class VideoLimits:
     """The server's caps on one video (--max_video_frames, --max_video_pixels)."""
 
     max_frames: int = 768  # sampled frames; qwen-vl-utils' FPS_MAX_FRAMES
-    max_pixels: int = 90_316_800  # resized pixels over all sampled frames; qwen-vl-utils' VIDEO_TOTAL_PIXELS
+    # resized pixels of one video, as its family counts them (InternVL: every frame's tile;
+    # Qwen2-VL: one frame per temporal patch); qwen-vl-utils' VIDEO_TOTAL_PIXELS
+    max_pixels: int = 90_316_800
 
 
 @dataclass
