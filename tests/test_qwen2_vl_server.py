@@ -109,6 +109,37 @@ def mixed_requests(qpipe):
     return out
 
 
+def test_video_and_image_equal_pipeline(server, qpipe):
+    """A clip and an image in one prompt over /generate and /v1/chat/completions: the pipeline's
+    tokens (itself transformers', test_qwen2_vl_video.py); with --tp 2 --visual_tp 2 too."""
+    from mmserver import Video
+    from video_util import make_clip
+
+    clip = make_clip(n_frames=12, fps=6, seed=9)
+    img = random_image(230, 150, 5)
+    video = {"type": "base64", "data": base64.b64encode(clip).decode(), "max_pixels": 28 * 28 * 64}
+    prompt = qpipe.family.render_chat([{"role": "user", "content": "<video><image>What changes?"}])
+    body = gen_body(prompt, [img], max_new_tokens=N, ignore_eos=True, return_details=True)
+    body["multimodal_params"]["videos"] = [video]
+    status, out = server.post("/generate", body)
+    assert status == 200, out
+    want = qpipe.generate(prompt, images=[Video(clip, max_pixels=28 * 28 * 64), img], gen_config=_gen())
+    assert _ids(out) == want.token_ids and out["prompt_tokens"] == want.prompt_tokens
+    url = "data:video/mp4;base64," + video["data"]
+    parts = [{"type": "video_url", "video_url": {"url": url, "max_pixels": 28 * 28 * 64}}, _part(img),
+             {"type": "text", "text": "What changes?"}]
+    status, out = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}],
+                                                       "max_tokens": N, "ignore_eos": True, "temperature": 0})
+    assert status == 200, out
+    local = qpipe([{"role": "user", "content": parts}], _gen())
+    assert out["choices"][0]["message"]["content"] == local.text
+    assert out["usage"]["prompt_tokens"] == local.prompt_tokens
+    bad = dict(video, max_pixels=MAX_PIXELS * 2)
+    body["multimodal_params"]["videos"] = [bad]
+    status, out = server.post("/generate", body)
+    assert status == 400 and "multimodal_params.videos[0].max_pixels" in out["message"], out
+
+
 @pytest.mark.parametrize("count", [4, 16])
 def test_concurrent_requests_equal_pipeline(server, mixed_requests, count):
     work = mixed_requests[:count]
