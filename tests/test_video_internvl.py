@@ -86,6 +86,26 @@ def test_video_and_image_in_one_prompt(pipe, clip, image_factory):
     assert pipe.prepare("<image>\nhi", [img])[1][0].shape[0] > 1  # the image itself has several tiles
 
 
+def test_path_and_url_sources(pipe, clip, tmp_path):
+    import torch
+
+    from server_util import serve_directory
+
+    (tmp_path / "clip.mp4").write_bytes(clip)
+    want = pipe.prepare("<video>hi", [Video(clip, num_frames=3)])[1][0]
+
+    def pixels(source):
+        return pipe.prepare("<video>hi", [Video(source, num_frames=3)])[1][0]
+
+    assert torch.equal(pixels(tmp_path / "clip.mp4"), want)
+    assert torch.equal(pixels(str(tmp_path / "clip.mp4")), want)
+    with serve_directory(tmp_path) as base:
+        assert torch.equal(pixels(f"{base}/clip.mp4"), want)
+    assert not torch.equal(pixels(make_clip(n_frames=12, fps=6, seed=1)), want)  # other content, other pixels
+    with pytest.raises(VideoError, match="video 0"):
+        pixels(tmp_path / "missing.mp4")
+
+
 @pytest.mark.parametrize("fmt", ["gif", "mov", "webm"])
 def test_other_containers(pipe, fmt):
     if encoder_for(fmt) is None:
