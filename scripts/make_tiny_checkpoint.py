@@ -178,22 +178,9 @@ def canonical_tensors(d: QwenVLDims) -> list:
     # Tied: the embeddings are also the LM head, drawn as one (std 1/sqrt(hidden): logits of std ~1,
     # clear top-1 margins, as the untied head gives)
     out.append(Canon("model.embed_tokens.weight", (d.vocab, h), "linear" if d.tied else "embed"))
+    layer = internvl_generator().decoder_layer_canons
     for i in range(d.layers):
-        p = f"model.layers.{i}."
-        out += [
-            Canon(p + "self_attn.q_proj.weight", (d.heads * hd, h), "linear"),
-            Canon(p + "self_attn.q_proj.bias", (d.heads * hd,), "bias"),
-            Canon(p + "self_attn.k_proj.weight", (d.kv_heads * hd, h), "linear"),
-            Canon(p + "self_attn.k_proj.bias", (d.kv_heads * hd,), "bias"),
-            Canon(p + "self_attn.v_proj.weight", (d.kv_heads * hd, h), "linear"),
-            Canon(p + "self_attn.v_proj.bias", (d.kv_heads * hd,), "bias"),
-            Canon(p + "self_attn.o_proj.weight", (h, d.heads * hd), "linear"),
-            Canon(p + "mlp.gate_proj.weight", (d.mlp, h), "linear"),
-            Canon(p + "mlp.up_proj.weight", (d.mlp, h), "linear"),
-            Canon(p + "mlp.down_proj.weight", (h, d.mlp), "linear"),
-            Canon(p + "input_layernorm.weight", (h,), "norm"),
-            Canon(p + "post_attention_layernorm.weight", (h,), "norm"),
-        ]
+        out += layer(f"model.layers.{i}.", d.heads, d.kv_heads, hd, h, d.mlp, qkv_bias=True)
     out.append(Canon("model.norm.weight", (h,), "norm"))
     if not d.tied:
         out.append(Canon("lm_head.weight", (d.vocab, h), "linear"))
@@ -418,17 +405,9 @@ def llava_canons(d: LlavaDims) -> list:
         out.append(Canon("image_newline", (h,), "embed"))
     p0 = "language_model.model."
     out.append(Canon(p0 + "embed_tokens.weight", (d.vocab, h), "embed"))
+    layer = internvl_generator().decoder_layer_canons
     for i in range(d.layers):
-        p = f"{p0}layers.{i}."
-        out += [Canon(p + "self_attn.q_proj.weight", (d.heads * hd, h), "linear"),
-                Canon(p + "self_attn.k_proj.weight", (d.kv_heads * hd, h), "linear"),
-                Canon(p + "self_attn.v_proj.weight", (d.kv_heads * hd, h), "linear"),
-                Canon(p + "self_attn.o_proj.weight", (h, d.heads * hd), "linear"),
-                Canon(p + "mlp.gate_proj.weight", (d.mlp, h), "linear"),
-                Canon(p + "mlp.up_proj.weight", (d.mlp, h), "linear"),
-                Canon(p + "mlp.down_proj.weight", (h, d.mlp), "linear"),
-                Canon(p + "input_layernorm.weight", (h,), "norm"),
-                Canon(p + "post_attention_layernorm.weight", (h,), "norm")]
+        out += layer(f"{p0}layers.{i}.", d.heads, d.kv_heads, hd, h, d.mlp, qkv_bias=False)
     out += [Canon(p0 + "norm.weight", (h,), "norm"), Canon("language_model.lm_head.weight", (d.vocab, h), "linear")]
     return out
 

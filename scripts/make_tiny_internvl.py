@@ -184,25 +184,30 @@ def _projector_canons(v: VitDims, t: LlmDims) -> list[Canon]:
     ]
 
 
+def decoder_layer_canons(lp: str, heads: int, kv_heads: int, head_dim: int, hidden: int, mlp: int,
+                         qkv_bias: bool) -> list[Canon]:
+    """One LLaMA / Qwen2-style decoder layer's tensors under prefix `lp` (hub names), in the
+    order the generator draws them (the order fixes the random values)."""
+    out = []
+    for name, rows in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+        out.append(Canon(f"{lp}self_attn.{name}.weight", (rows * head_dim, hidden), "linear"))
+        if qkv_bias:
+            out.append(Canon(f"{lp}self_attn.{name}.bias", (rows * head_dim,), "bias"))
+    return out + [
+        Canon(lp + "self_attn.o_proj.weight", (hidden, heads * head_dim), "linear"),
+        Canon(lp + "mlp.gate_proj.weight", (mlp, hidden), "linear"),
+        Canon(lp + "mlp.up_proj.weight", (mlp, hidden), "linear"),
+        Canon(lp + "mlp.down_proj.weight", (hidden, mlp), "linear"),
+        Canon(lp + "input_layernorm.weight", (hidden,), "norm"),
+        Canon(lp + "post_attention_layernorm.weight", (hidden,), "norm"),
+    ]
+
+
 def _qwen2_canons(t: LlmDims) -> list[Canon]:
     h, hd, p = t.hidden, t.head_dim, "language_model.model."
     out = [Canon(p + "embed_tokens.weight", (t.vocab, h), "embed")]
     for i in range(t.layers):
-        lp = f"{p}layers.{i}."
-        out += [
-            Canon(lp + "self_attn.q_proj.weight", (t.heads * hd, h), "linear"),
-            Canon(lp + "self_attn.q_proj.bias", (t.heads * hd,), "bias"),
-            Canon(lp + "self_attn.k_proj.weight", (t.kv_heads * hd, h), "linear"),
-            Canon(lp + "self_attn.k_proj.bias", (t.kv_heads * hd,), "bias"),
-            Canon(lp + "self_attn.v_proj.weight", (t.kv_heads * hd, h), "linear"),
-            Canon(lp + "self_attn.v_proj.bias", (t.kv_heads * hd,), "bias"),
-            Canon(lp + "self_attn.o_proj.weight", (h, t.heads * hd), "linear"),
-            Canon(lp + "mlp.gate_proj.weight", (t.mlp, h), "linear"),
-            Canon(lp + "mlp.up_proj.weight", (t.mlp, h), "linear"),
-            Canon(lp + "mlp.down_proj.weight", (h, t.mlp), "linear"),
-            Canon(lp + "input_layernorm.weight", (h,), "norm"),
-            Canon(lp + "post_attention_layernorm.weight", (h,), "norm"),
-        ]
+        out += decoder_layer_canons(f"{p}layers.{i}.", t.heads, t.kv_heads, hd, h, t.mlp, qkv_bias=True)
     out += [
         Canon(p + "norm.weight", (h,), "norm"),
         Canon("language_model.lm_head.weight", (t.vocab, h), "linear"),

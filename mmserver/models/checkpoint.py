@@ -10,6 +10,20 @@ from typing import Callable
 
 import torch
 
+from .errors import ConfigError
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file that must hold an object; anything else is a ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{path.name} is not a JSON object")
+    return out
+
 
 class WeightError(ValueError):
     """A checkpoint whose tensors are missing, mis-shaped or unreadable."""

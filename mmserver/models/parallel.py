@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -151,6 +151,20 @@ def shard_weights(weights: dict[str, torch.Tensor], cfg: "FamilyShardRules", ran
                   size: int) -> dict[str, torch.Tensor]:
     """Both halves of the model: the shared LLM rules, then the family's vision rules."""
     return shard_vision_weights(shard_llm_weights(weights, cfg.llm, rank, size), cfg, rank, size)
+
+
+def load_for_rank(load: Callable[[str, bool], dict[str, torch.Tensor]], cfg: "FamilyShardRules", device: str,
+                  tp: "TPGroup | None", progress: bool) -> dict[str, torch.Tensor]:
+    """`load(device, progress)` (a family's whole-model loader), then, under tensor parallelism,
+    this rank's shard: the whole model is read to the host and sharded there, and only the shard
+    moves to `device` (a rank's GPU never holds the full model; tied tensors stay one copy)."""
+    if tp is None or tp.size == 1:
+        return load(device, progress)
+    full = load("cpu", progress and tp.rank == 0)
+    shard = shard_weights(full, cfg, tp.rank, tp.size)
+    del full  # the shard's sliced tensors are copies, so this frees the unsharded ones
+    moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
+    return {name: moved.setdefault(id(t), t.to(device)) for name, t in shard.items()}
 
 
 class FamilyShardRules(Protocol):

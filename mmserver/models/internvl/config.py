@@ -8,12 +8,12 @@ code never looks at raw JSON.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import read_json
 from ..errors import ConfigError
 from ..llm.config import LLMConfig, parse_llm_config
 
@@ -107,21 +107,13 @@ def _parse_vision(vc: dict[str, Any], layout: str, force_image_size: Any) -> Vis
         raise ConfigError(f"vision_config is missing {e.args[0]!r}") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
-
-
 def load_config(model_dir: str | os.PathLike) -> InternVLConfig:
     """Read config.json (and, for the transformers layout, preprocessor_config.json)."""
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{model_dir} has no config.json; is it an InternVL checkpoint directory?")
-    raw = _read_json(cfg_path)
+    raw = read_json(cfg_path)
     model_type = raw.get("model_type")
     if model_type == "internvl_chat":
         return check_image_length(_parse_original(raw))
@@ -169,7 +161,7 @@ def _parse_hf(raw: dict[str, Any], model_dir: Path) -> InternVLConfig:
     # Tile cap and thumbnail live with the image processor in this layout.
     pp = {}
     if (model_dir / "preprocessor_config.json").is_file():
-        pp = _read_json(model_dir / "preprocessor_config.json")
+        pp = read_json(model_dir / "preprocessor_config.json")
     crop = bool(pp.get("crop_to_patches", True))
     size = pp.get("size") or {}
     image_size = size.get("height") if isinstance(size, dict) else None
@@ -196,7 +188,7 @@ def stop_token_ids(model_dir: str | os.PathLike, tokenizer, llm_eos: list[int]) 
     ids: list[int] = []
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
-        eos = _read_json(path).get("eos_token_id")
+        eos = read_json(path).get("eos_token_id")
         ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if im_end is not None and im_end != tokenizer.unk_token_id:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..parallel import TPGroup, shard_weights
+from ..parallel import TPGroup, load_for_rank
 from ..llm.decoder import DecoderLM
 from .config import InternVLConfig, load_config
 from .vision import VisionEncoder
@@ -45,22 +45,7 @@ def load_sharded_weights(model_dir: str | os.PathLike, cfg: InternVLConfig, devi
                          dtype: torch.dtype = torch.float32, tp: TPGroup | None = None,
                          components: tuple[str, ...] = ("vision", "llm"),
                          progress: bool = True, workers: int = 1) -> dict[str, torch.Tensor]:
-    """`load_weights`, then (tp size > 1) this rank's shard: the one place weights get sharded.
-
-    When sharding, the whole model is read to the host and sharded there, and only the shard
-    moves to `device`: a rank's GPU never holds the full model.
-    """
-    if tp is None or tp.size == 1:
-        return load_weights(model_dir, cfg, device=device, dtype=dtype, progress=progress, components=components,
-                            workers=workers)
-    full = load_weights(model_dir, cfg, device="cpu", dtype=dtype, progress=progress and tp.rank == 0,
-                        components=components, workers=workers)
-    shard = shard_weights(full, cfg, tp.rank, tp.size)
-    del full  # the shard's sliced tensors are copies, so this frees the unsharded ones
-    moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
-    weights = {}
-    for name, t in shard.items():
-        if id(t) not in moved:
-            moved[id(t)] = t.to(device)
-        weights[name] = moved[id(t)]
-    return weights
+    """`load_weights`, then (tp size > 1) this rank's shard (`parallel.load_for_rank`)."""
+    return load_for_rank(lambda dev, prog: load_weights(model_dir, cfg, device=dev, dtype=dtype, progress=prog,
+                                                        components=components, workers=workers),
+                         cfg, device, tp, progress)

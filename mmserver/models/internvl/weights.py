@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import WeightError, load_mapped
+from ..llm.weights import LLAMA_LAYER, llm_shapes
 from ..llm.config import LLMConfig
 from .config import InternVLConfig
 
@@ -43,10 +44,7 @@ _VIT_HF = {
     "mlp.fc1": "fc1", "mlp.fc2": "fc2", "layernorm_before": "norm1", "layernorm_after": "norm2",
 }
 _LLM_LAYER = {
-    # llama / qwen2 names
-    "self_attn.o_proj": ("o", 0), "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
-    "mlp.down_proj": ("down", 0), "input_layernorm": ("norm1", 0), "post_attention_layernorm": ("norm2", 0),
-    "self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
+    **LLAMA_LAYER,  # llama / qwen2 names
     # internlm2 names
     "attention.wo": ("o", 0), "feed_forward.w1": ("gate_up", 0), "feed_forward.w3": ("gate_up", 1),
     "feed_forward.w2": ("down", 0), "attention_norm": ("norm1", 0), "ffn_norm": ("norm2", 0),
@@ -174,18 +172,8 @@ def expected_shapes(cfg: InternVLConfig) -> dict[str, tuple[int, ...]]:
     ps = int(round(1 / cfg.downsample_ratio)) ** 2 * c
     h = l.hidden_size
     shapes.update({"mlp1.norm.weight": (ps,), "mlp1.norm.bias": (ps,), "mlp1.fc1.weight": (h, ps),
-                   "mlp1.fc1.bias": (h,), "mlp1.fc2.weight": (h, h), "mlp1.fc2.bias": (h,),
-                   "llm.embed.weight": (l.vocab_size, h), "llm.norm.weight": (h,),
-                   "llm.lm_head.weight": (l.vocab_size, h)})
-    qkv_rows = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim
-    for i in range(l.num_layers):
-        b = f"llm.layers.{i}."
-        shapes.update({b + "qkv.weight": (qkv_rows, h), b + "o.weight": (h, l.num_heads * l.head_dim),
-                       b + "gate_up.weight": (2 * l.intermediate_size, h),
-                       b + "down.weight": (h, l.intermediate_size),
-                       b + "norm1.weight": (h,), b + "norm2.weight": (h,)})
-        if l.qkv_bias:
-            shapes[b + "qkv.bias"] = (qkv_rows,)
+                   "mlp1.fc1.bias": (h,), "mlp1.fc2.weight": (h, h), "mlp1.fc2.bias": (h,)})
+    shapes.update(llm_shapes(l))
     return shapes
 
 

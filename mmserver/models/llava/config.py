@@ -11,12 +11,12 @@ the positions the server accepts, so the window never matters.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import read_json
 from ..errors import ConfigError
 from ..llm.config import LLMConfig, parse_llm_config
 
@@ -99,17 +99,6 @@ class LlavaConfig:
     def shard_vision_weights(self, weights: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
         """The CLIP tower and the projector are small next to the LLM: replicated on every rank."""
         return dict(weights)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
-    if not isinstance(out, dict):
-        raise ConfigError(f"{path.name} is not a JSON object")
-    return out
 
 
 def _feature_layers(raw: Any, num_layers: int) -> tuple[int, ...]:
@@ -197,7 +186,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path) -> LlavaConfig:
     _read_template(cfg, model_dir)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        eos = _read_json(gen).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         cfg.generation_eos = [int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
     return cfg
 
@@ -208,7 +197,7 @@ def _read_preprocessor(cfg: LlavaConfig, model_dir: Path) -> None:
     path = model_dir / "preprocessor_config.json"
     if not path.is_file():
         return
-    pp = _read_json(path)
+    pp = read_json(path)
     size = pp.get("size")
     if isinstance(size, dict) and size.get("shortest_edge"):
         cfg.shortest_edge = int(size["shortest_edge"])
@@ -239,7 +228,7 @@ def _read_template(cfg: LlavaConfig, model_dir: Path) -> None:
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / name
         if path.is_file():
-            tpl = _read_json(path).get("chat_template")
+            tpl = read_json(path).get("chat_template")
             if isinstance(tpl, str) and tpl:
                 cfg.chat_template = tpl
                 return
@@ -253,4 +242,4 @@ def load_config(model_dir: str | os.PathLike) -> LlavaConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"{model_dir} has no config.json; is it a checkpoint directory?")
-    return parse_config(_read_json(path), model_dir)
+    return parse_config(read_json(path), model_dir)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..family import COMPONENTS, ImagePlan, ImageSource, ModelFamily, VisionInput
-from ..parallel import TPGroup, shard_weights
+from ..parallel import TPGroup, load_for_rank
 from .config import LLAVA_NEXT, LlavaConfig, load_config
 from .preprocess import num_tokens, tiles_uint8
 from .prompt import expand_prompt, image_spans, render_chat, template_kind
@@ -40,13 +40,9 @@ class LlavaFamily(ModelFamily):
                      workers: int = 1) -> dict[str, torch.Tensor]:
         from .weights import load_weights
 
-        components = tuple(components)
-        if tp is None or tp.size == 1:
-            return load_weights(self.model_dir, self._cfg, device, dtype, progress, components, workers)
-        full = load_weights(self.model_dir, self._cfg, "cpu", dtype, progress and tp.rank == 0, components, workers)
-        shard = shard_weights(full, self._cfg, tp.rank, tp.size)
-        del full
-        return {name: t.to(device) for name, t in shard.items()}
+        return load_for_rank(lambda dev, prog: load_weights(self.model_dir, self._cfg, dev, dtype, prog,
+                                                            tuple(components), workers),
+                             self._cfg, device, tp, progress)
 
     def build_encoder(self, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
         from .vision import LlavaVisionEncoder

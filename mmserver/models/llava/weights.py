@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import load_mapped
+from ..llm.weights import llm_shapes, map_llama_key
 from .config import LlavaConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -45,11 +46,6 @@ def _vector(t: torch.Tensor) -> torch.Tensor:
 _CLIP = {"self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
          "self_attn.out_proj": ("o", 0), "layer_norm1": ("norm1", 0), "layer_norm2": ("norm2", 0),
          "mlp.fc1": ("fc1", 0), "mlp.fc2": ("fc2", 0)}
-_LLM = {"self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
-        "self_attn.o_proj": ("o", 0), "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
-        "mlp.down_proj": ("down", 0), "input_layernorm": ("norm1", 0), "post_attention_layernorm": ("norm2", 0)}
-
-
 def map_key(key: str) -> tuple[str, int, Transform] | None:
     """Source key (either naming) → (canonical name, part, transform); None for keys we do not use."""
     if key in ("lm_head.weight", "language_model.lm_head.weight"):
@@ -78,16 +74,8 @@ def map_key(key: str) -> tuple[str, int, Transform] | None:
         return (f"proj.fc{m.group(1)}.{m.group(2)}", 0, _identity)
     for prefix in ("model.language_model.", "language_model.model."):
         if key.startswith(prefix):
-            rest = key[len(prefix):]
-            if rest == "embed_tokens.weight":
-                return ("llm.embed.weight", 0, _identity)
-            if rest == "norm.weight":
-                return ("llm.norm.weight", 0, _identity)
-            m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest)
-            if m and m.group(2) in _LLM:
-                name, part = _LLM[m.group(2)]
-                return (f"llm.layers.{m.group(1)}.{name}.{m.group(3)}", part, _identity)
-            return None
+            target = map_llama_key(key[len(prefix):])
+            return None if target is None else (*target, _identity)
     return None
 
 
@@ -110,16 +98,7 @@ def expected_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"proj.fc1.bias": (h,), "proj.fc2.bias": (h,)})
     if cfg.image_newline:
         shapes["newline"] = (h,)
-    shapes.update({"llm.embed.weight": (l.vocab_size, h), "llm.norm.weight": (h,),
-                   "llm.lm_head.weight": (l.vocab_size, h)})
-    qkv_rows = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim
-    for i in range(l.num_layers):
-        b = f"llm.layers.{i}."
-        shapes.update({b + "qkv.weight": (qkv_rows, h), b + "o.weight": (h, l.num_heads * l.head_dim),
-                       b + "gate_up.weight": (2 * l.intermediate_size, h), b + "down.weight": (h, l.intermediate_size),
-                       b + "norm1.weight": (h,), b + "norm2.weight": (h,)})
-        if l.qkv_bias:
-            shapes[b + "qkv.bias"] = (qkv_rows,)
+    shapes.update(llm_shapes(l))
     return shapes
 
 

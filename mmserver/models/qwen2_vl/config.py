@@ -10,12 +10,12 @@ merger's OUTPUT (= the LLM width; the ViT width is `embed_dim`), Qwen2.5-VL's is
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import read_json
 from ..errors import ConfigError
 from ..llm.config import LLMConfig, parse_llm_config
 
@@ -102,17 +102,6 @@ class QwenVLConfig:
         return shard_vision_weights(weights, self.vision, rank, size)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path.name} is not valid JSON: {e}") from None
-    if not isinstance(out, dict):
-        raise ConfigError(f"{path.name} is not a JSON object")
-    return out
-
-
 def _mrope_section(*sections: dict[str, Any]) -> list[int]:
     for d in sections:
         for key in ("rope_scaling", "rope_parameters"):
@@ -190,7 +179,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path) -> QwenVLConfig:
     _read_preprocessor(cfg, model_dir)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        eos = _read_json(gen).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         cfg.generation_eos = [int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
     return cfg
 
@@ -199,7 +188,7 @@ def _read_preprocessor(cfg: QwenVLConfig, model_dir: Path) -> None:
     path = model_dir / "preprocessor_config.json"
     if not path.is_file():
         return  # the processor's class defaults
-    pp = _read_json(path)
+    pp = read_json(path)
     size = pp.get("size") if isinstance(pp.get("size"), dict) else {}
     cfg.min_pixels = int(pp.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS)
     cfg.max_pixels = int(pp.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS)
@@ -219,4 +208,4 @@ def load_config(model_dir: str | os.PathLike) -> QwenVLConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"{model_dir} has no config.json; is it a checkpoint directory?")
-    return parse_config(_read_json(path), model_dir)
+    return parse_config(read_json(path), model_dir)

@@ -48,7 +48,7 @@ from ..errors import ConfigError, MediaTooLarge, OptionError, PromptError, Video
 from ..family import COMPONENTS, Expansion, ImagePlan, ImageSource, ModelFamily, VideoLimits, VideoSource, VisionInput
 from ..image_io import alpha_on_white
 from ..options import env_positive_int, is_int
-from ..parallel import TPGroup, shard_weights
+from ..parallel import TPGroup, load_for_rank
 from .config import QWEN2_5_VL, QwenVLConfig, load_config
 from .preprocess import patchify, patchify_video, plan, resize_rgb, resized_uint8, smart_resize
 from .prompt import (SpecialIds, expand_media, expand_prompt, pad_spans, question_with_images, question_with_media,
@@ -89,14 +89,9 @@ class QwenVLFamily(ModelFamily):
                      workers: int = 1) -> dict[str, torch.Tensor]:
         from .weights import load_weights
 
-        components = tuple(components)
-        if tp is None or tp.size == 1:
-            return load_weights(self.model_dir, self._cfg, device, dtype, progress, components, workers)
-        full = load_weights(self.model_dir, self._cfg, "cpu", dtype, progress and tp.rank == 0, components, workers)
-        shard = shard_weights(full, self._cfg, tp.rank, tp.size)
-        del full
-        moved: dict[int, torch.Tensor] = {}  # tied embed / lm_head: one copy on the device
-        return {name: moved.setdefault(id(t), t.to(device)) for name, t in shard.items()}
+        return load_for_rank(lambda dev, prog: load_weights(self.model_dir, self._cfg, dev, dtype, prog,
+                                                            tuple(components), workers),
+                             self._cfg, device, tp, progress)
 
     def build_encoder(self, weights: dict[str, torch.Tensor], tp: TPGroup | None = None):
         from .vision import QwenVisionEncoder

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import load_mapped
+from ..llm.weights import llm_shapes, map_llama_key
 from .config import QwenVLConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -39,11 +40,6 @@ _VIT = {"norm1": ("norm1", 0), "norm2": ("norm2", 0), "attn.qkv": ("qkv", 0), "a
         "mlp.fc1": ("fc1", 0), "mlp.fc2": ("fc2", 0), "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
         "mlp.down_proj": ("down", 0)}
 _MERGER = {"ln_q": "norm", "mlp.0": "fc1", "mlp.2": "fc2"}
-_LLM = {"self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
-        "self_attn.o_proj": ("o", 0), "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
-        "mlp.down_proj": ("down", 0), "input_layernorm": ("norm1", 0), "post_attention_layernorm": ("norm2", 0)}
-
-
 def map_key(key: str) -> tuple[str, int, Transform] | None:
     """Source key (either naming) → (canonical name, part, transform); None for keys we do not use."""
     k = key.removeprefix("model.") if key.startswith("model.visual.") else key
@@ -63,16 +59,8 @@ def map_key(key: str) -> tuple[str, int, Transform] | None:
         return ("llm.lm_head.weight", 0, _identity)
     for prefix in ("model.language_model.", "model."):
         if k.startswith(prefix):
-            rest = k[len(prefix):]
-            if rest == "embed_tokens.weight":
-                return ("llm.embed.weight", 0, _identity)
-            if rest == "norm.weight":
-                return ("llm.norm.weight", 0, _identity)
-            m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", rest)
-            if m and m.group(2) in _LLM:
-                name, part = _LLM[m.group(2)]
-                return (f"llm.layers.{m.group(1)}.{name}.{m.group(3)}", part, _identity)
-            return None
+            target = map_llama_key(k[len(prefix):])
+            return None if target is None else (*target, _identity)
     return None
 
 
@@ -97,16 +85,7 @@ def expected_shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
                    "merger.fc2.weight": (v.out_hidden_size, i4), "merger.fc2.bias": (v.out_hidden_size,)})
     if not v.rms_norm:
         shapes["merger.norm.bias"] = (c,)
-    h = l.hidden_size
-    shapes.update({"llm.embed.weight": (l.vocab_size, h), "llm.norm.weight": (h,),
-                   "llm.lm_head.weight": (l.vocab_size, h)})
-    qkv_rows = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim
-    for i in range(l.num_layers):
-        b = f"llm.layers.{i}."
-        shapes.update({b + "qkv.weight": (qkv_rows, h), b + "qkv.bias": (qkv_rows,),
-                       b + "o.weight": (h, l.num_heads * l.head_dim),
-                       b + "gate_up.weight": (2 * l.intermediate_size, h), b + "down.weight": (h, l.intermediate_size),
-                       b + "norm1.weight": (h,), b + "norm2.weight": (h,)})
+    shapes.update(llm_shapes(l))
     return shapes
 
 
