@@ -106,7 +106,7 @@ class HFRunner:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", required=True, help="transformers-layout InternVL checkpoint")
-    bw.add_workload_args(p, "--batch-size", "requests per generate() call (static batch)")
+    bw.add_workload_args(p, "--batch-size", "requests per generate() call (static batch)", bw.IMAGE_WORKLOADS)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-patches", type=int, default=12)

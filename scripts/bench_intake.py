@@ -41,7 +41,7 @@ from mmserver.models.registry import load_family  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", required=True, help="any checkpoint: only its config and tokenizer are read")
-    p.add_argument("--workload", default="W1", choices=sorted(bw.WORKLOADS))
+    p.add_argument("--workload", default="W1", choices=bw.IMAGE_WORKLOADS)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--hold-ms", type=float, default=0.0,

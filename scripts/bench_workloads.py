@@ -17,6 +17,11 @@ gives the same bytes:
 | W2   | 1280x720 (9 tiles)| one distinct image per request    | question padded to ~N words       |
 | W3   | 448x448 (1 tile)  | pool of 8, request i uses i % 8   | prior user/assistant turn + follow-up |
 | W4   | 448x448 (1 tile)  | sessions: 2 distinct in turn 1, 1 more in turn 3 | multi-turn chat, full history re-sent |
+| W5   | 4 s 448x448 clip, 24 fps (H.264 mp4) | one distinct video per request | "<video>" + question padded to ~N words |
+
+W5's clips pan a `make_image` picture (each frame a shifted window of a wider one), encoded
+with PyAV (libx264, a keyframe a second): InternVL samples 8 frames of one tile, Qwen2-VL
+2 fps = 8 frames. Building it needs PyAV (`pip install av`).
 
 W4 is built as sessions (`build_sessions`), not requests: each turn's prompt is the whole
 conversation so far with the answers the server actually gave, so the client builds it as the
@@ -41,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 QUESTION = "What is shown in this image? Please describe the picture in detail."
 FOLLOW_UP = "Thanks. Now tell me what colours dominate the picture and where they are."
 PRIOR_ANSWER = (
@@ -54,7 +60,7 @@ FILLER_WORDS = (
     "background foreground area part side edge centre view"
 ).split()
 # Distinct seed streams so workloads / warmup never share images by accident.
-_WORKLOAD_TAGS = {"W1": 1, "W2": 2, "W3": 3, "W4": 4}
+_WORKLOAD_TAGS = {"W1": 1, "W2": 2, "W3": 3, "W4": 4, "W5": 5}
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class WorkloadSpec:
     image_size: tuple[int, int]  # (width, height)
     image_pool: int | None  # None: a fresh image per request; k: k images reused round-robin
     multi_turn: bool
+    clip: tuple[float, int] | None = None  # a video workload: (seconds, fps) of each request's clip
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -73,7 +80,10 @@ WORKLOADS: dict[str, WorkloadSpec] = {
                        (448, 448), 8, True),
     "W4": WorkloadSpec("W4", "multi-turn sessions re-sending their history (KV prefix cache), images in turns 1 "
                        "and 3", (448, 448), None, True),
+    "W5": WorkloadSpec("W5", "one distinct 4 s 448x448 24-fps clip per request (video)", (448, 448), None, False,
+                       clip=(4.0, 24)),
 }  # fmt: skip
+IMAGE_WORKLOADS = sorted(k for k, spec in WORKLOADS.items() if spec.clip is None)
 SESSION_QUESTIONS = (
     "Compare these two pictures. What do they have in common?",
     "Which of them is brighter, and why do you think so?",
@@ -133,6 +143,8 @@ class BenchRequest:
     images: list[bytes]  # PNG file bytes, in placeholder order
     image_ids: list[int]  # ids of the generated images (equal ids = identical bytes)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    videos: list[bytes] = field(default_factory=list)  # mp4 file bytes, in `<video>` order
+    video_ids: list[int] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------ images
@@ -164,6 +176,29 @@ def make_image(width: int, height: int, seed: int | Sequence[int]) -> np.ndarray
 def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_clip(width: int, height: int, seconds: float, fps: int, seed: int | Sequence[int]) -> bytes:
+    """An H.264 mp4 panning across a `make_image` picture twice as wide: frame k is the window
+    starting k·(width / frames) pixels in (distinct frames; a keyframe each second)."""
+    import av
+
+    n = max(1, round(seconds * fps))
+    wide = make_image(2 * width, height, seed)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = fps
+        stream.codec_context.options = {"crf": "23", "preset": "veryfast"}
+        for k in range(n):
+            x = k * width // n
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(wide[:, x:x + width]), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
     return buf.getvalue()
 
 
@@ -223,19 +258,26 @@ def build_workload(
     unique = sorted(set(ids))
 
     def render(image_id: int) -> bytes:
+        if spec.clip is not None:
+            return make_clip(width, height, *spec.clip, (seed, tag, image_id))
         return encode_png(make_image(width, height, (seed, tag, image_id)))
 
     # numpy and zlib release the GIL, so threads give a real speed-up here.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         it: Iterable[bytes] = pool.map(render, unique)
         if progress:
-            it = tqdm(it, total=len(unique), desc=f"{name} images", unit="img", file=sys.stderr)
+            it = tqdm(it, total=len(unique), desc=f"{name} {'videos' if spec.clip else 'images'}",
+                      unit="video" if spec.clip else "img", file=sys.stderr)
         pngs = dict(zip(unique, it))
 
     requests = []
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng((seed, tag, 1_000_000 + i))
         question = padded_question(rng, prompt_tokens)
+        if spec.clip is not None:  # the frames' expansion (InternVL) ends in a newline
+            prompt = chat_prompt([(f"{VIDEO_PLACEHOLDER}{question}", None)])
+            requests.append(BenchRequest(i, prompt, [], [], [], [pngs[image_id]], [image_id]))
+            continue
         if spec.multi_turn:
             prompt = chat_prompt([(f"{IMAGE_PLACEHOLDER}\n{question}", PRIOR_ANSWER), (FOLLOW_UP, None)])
         else:
@@ -302,12 +344,12 @@ def write_report(path, report: dict) -> None:
     print(f"wrote {path}")
 
 
-def add_workload_args(p, parallel_flag: str, parallel_help: str) -> None:
+def add_workload_args(p, parallel_flag: str, parallel_help: str, workloads: Sequence[str] = tuple(WORKLOADS)) -> None:
     """The flags both benchmarks share, so a workload means the same in either; `parallel_flag`
     is how many requests run at once (--concurrency for a server, --batch-size for generate)."""
     from pathlib import Path
 
-    p.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    p.add_argument("--workload", choices=sorted(workloads), required=True)
     p.add_argument("--num-requests", type=int, required=True)
     p.add_argument(parallel_flag, type=int, required=True, help=parallel_help)
     p.add_argument("--output-len", type=int, required=True)

@@ -73,15 +73,21 @@ def build_bodies(requests: list[bw.BenchRequest], output_len: int, progress: boo
     bodies = []
     it = tqdm(requests, desc="payloads", unit="req", file=sys.stderr, disable=not progress)
     for req in it:
-        images = []
-        for image_id, png in zip(req.image_ids, req.images):
-            if image_id not in b64:
-                b64[image_id] = base64.b64encode(png).decode("ascii")
-            images.append({"type": "base64", "data": b64[image_id]})
+        def items(ids: list[int], data: list[bytes]) -> list[dict]:
+            out = []
+            for item_id, raw in zip(ids, data):
+                if item_id not in b64:
+                    b64[item_id] = base64.b64encode(raw).decode("ascii")
+                out.append({"type": "base64", "data": b64[item_id]})
+            return out
+
+        media = {"images": items(req.image_ids, req.images)}
+        if req.videos:  # W5 (ids never overlap an image's: one workload per run)
+            media["videos"] = items(req.video_ids, req.videos)
         body = {
             "inputs": req.prompt,
             "parameters": {"max_new_tokens": output_len, "do_sample": False, "ignore_eos": True},
-            "multimodal_params": {"images": images},
+            "multimodal_params": media,
         }
         bodies.append(json.dumps(body).encode("utf-8"))
     return bodies
@@ -365,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             "image_sizes": [list(s) for s in sizes],
             "distinct_images": len({i for r in requests for i in r.image_ids}),
             "mean_image_bytes": sum(map(len, pngs)) / max(1, len(pngs)),
+            **({"clip": list(bw.WORKLOADS[args.workload].clip),
+                "distinct_videos": len({i for r in requests for i in r.video_ids}),
+                "mean_video_bytes": sum(len(v) for r in requests for v in r.videos) / len(requests)}
+               if bw.WORKLOADS[args.workload].clip else {}),
             "aiohttp": aiohttp.__version__, **bw.run_info(),
         }  # fmt: skip
         out = {"backend": "serving", "config": config, "metrics": metrics, "result_line": line,

@@ -83,8 +83,10 @@ class FakeServer:
     async def _handle(self, k: int, request: web.Request, release: Callable[[], None]) -> web.StreamResponse:
         body = await request.json()
         params, images = body["parameters"], body["multimodal_params"]["images"]
+        videos = body["multimodal_params"].get("videos", [])
         inputs: str = body["inputs"]
-        if inputs.count("<image>") != len(images) or not inputs.endswith("<|im_start|>assistant\n"):
+        if inputs.count("<image>") != len(images) or inputs.count("<video>") != len(videos) \
+                or not inputs.endswith("<|im_start|>assistant\n"):
             self.problems.append(f"request {k}: bad inputs {inputs!r}")
         if params.get("ignore_eos") is not True or params.get("do_sample") is not False:
             self.problems.append(f"request {k}: bad parameters {params}")
@@ -97,6 +99,13 @@ class FakeServer:
                 self.problems.append(f"request {k}: bad image {im['type']} {img.format}")
             hashes.append(_sha(raw))
             sizes.append(img.size)
+        for v in videos:
+            from mmserver.models.video_io import probe
+
+            raw = base64.b64decode(v["data"])
+            meta = probe(raw)  # a whole, readable clip (VideoError otherwise: the 500 the test sees)
+            hashes.append(_sha(raw))
+            sizes.append((meta.width, meta.height))
         n = int(params["max_new_tokens"])
         self.seen.append({"k": k, "inputs": inputs, "hashes": hashes, "sizes": sizes, "max_new_tokens": n})
 
@@ -225,6 +234,28 @@ def test_serving_benchmark_against_fake_server(tmp_path: Path) -> None:
     assert all(r["ok"] and r["output_tokens"] == 5 and r["finish_reason"] == "length" for r in data["requests"])
     assert all(r["prompt_tokens"] == 290 and r["ttft_s"] <= r["latency_s"] for r in data["requests"])
     assert data["result_line"] == stdout.strip().splitlines()[-1]
+
+
+def test_w5_video_workload(tmp_path: Path) -> None:
+    """W5: one distinct H.264 clip per request (4 s at 24 fps, 448x448, panning), `<video>` in the
+    prompt, sent as multimodal_params.videos."""
+    from mmserver.models.video_io import decode_frames, probe
+
+    w5 = bw.build_workload("W5", 3, seed=0, progress=False)
+    assert len({_sha(r.videos[0]) for r in w5}) == 3 and all(not r.images for r in w5)
+    for r in w5:
+        meta = probe(r.videos[0])
+        assert (meta.n_frames, meta.fps, meta.width, meta.height) == (96, 24.0, 448, 448)
+        assert r.prompt.startswith("<|im_start|>user\n<video>") and r.prompt.count("<video>") == 1
+    first, last = decode_frames(w5[0].videos[0], [0, 95])
+    assert first.tobytes() != last.tobytes()  # the clip moves
+    assert w5[0].videos == bw.build_workload("W5", 1, seed=0, progress=False)[0].videos  # deterministic
+    with fake_server() as srv:
+        result, _ = run_client(srv.port, "--workload", "W5", "--num-requests", "3", "--concurrency", "2",
+                               "--output-len", "4", "--warmup", "0")
+    assert srv.problems == []
+    assert result["requests"] == "3" and result["errors"] == "0" and result["len_mismatch"] == "0"
+    assert sorted(h for seen in srv.seen for h in seen["hashes"]) == sorted(_sha(r.videos[0]) for r in w5)
 
 
 def test_serving_benchmark_counts_errors(tmp_path: Path) -> None:
