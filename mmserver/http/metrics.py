@@ -130,7 +130,7 @@ class _SnapshotCollector:
         yield _counter("mmserver_vit_images_total", "Images encoded by the ViT", visual.get("vit_images", 0))
         yield _counter("mmserver_vit_tiles_total", "Tiles encoded by the ViT", visual.get("vit_tiles", 0))
         yield _counter("mmserver_vit_seconds_total", "Seconds spent in ViT batches", visual.get("vit_seconds", 0.0))
-        yield _counter("mmserver_vit_preprocess_seconds_total", "Seconds spent decoding and tiling images",
+        yield _counter("mmserver_vit_preprocess_seconds_total", "Seconds spent decoding and preparing images and videos",
                        visual.get("vit_preprocess_seconds", 0.0))
         yield _counter("mmserver_vit_encode_seconds_total", "Seconds spent in the ViT forward (device time included)",
                        visual.get("vit_encode_seconds", 0.0))
