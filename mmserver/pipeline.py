@@ -81,6 +81,9 @@ class GenerationConfig:
     # Qwen2-VL's image options: a pixel range within the server's (None: the server's)
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # The videos' sampling when a Video sets none: a frame count, or frames per second (one of them)
+    num_frames: int | None = None
+    fps: float | None = None
     skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (0-20), in Response.top_logprobs: [(id, logprob), ...]
@@ -98,7 +101,8 @@ class GenerationConfig:
     def image_options(self) -> dict[str, Any]:
         """The request's image options, for the model family (each reads its own)."""
         out: dict[str, Any] = {"image_max_patch_num": self.image_max_patch_num}
-        out.update({k: v for k in ("min_pixels", "max_pixels") if (v := getattr(self, k)) is not None})
+        out.update({k: v for k in ("min_pixels", "max_pixels", "num_frames", "fps")
+                    if (v := getattr(self, k)) is not None})
         return out
 
     def sampling_params(self, stop_token_ids: list[int]) -> SamplingParams:

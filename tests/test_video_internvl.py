@@ -115,6 +115,19 @@ def test_other_containers(pipe, fmt):
     assert pixels[0].shape[0] == 3
 
 
+def test_request_level_sampling(pipe, clip):
+    """GenerationConfig(num_frames=…) samples every video that sets none; a video's own wins."""
+    cfg = GenerationConfig(max_new_tokens=N_NEW, ignore_eos=True, num_frames=4)
+    got = pipe.generate("<video>" + QUESTION, images=[Video(clip)], gen_config=cfg)
+    assert got.token_ids == pipe.generate("<video>" + QUESTION, images=[Video(clip, num_frames=4)],
+                                          gen_config=GREEDY).token_ids
+    own = pipe.generate("<video>" + QUESTION, images=[Video(clip, num_frames=2)], gen_config=cfg)
+    assert own.prompt_tokens == len(pipe.prepare("<video>" + QUESTION, [Video(clip, num_frames=2)])[0])
+    assert own.prompt_tokens < got.prompt_tokens - 2 * 256
+    with pytest.raises(OptionError, match="num_frames"):
+        pipe.generate("<video>hi", images=[Video(clip)], gen_config=GenerationConfig(num_frames=2, fps=1.0))
+
+
 def test_fps_sampling(pipe, clip):
     # 12 frames at 6 fps = 2 s; 1.5 fps → 3 segments
     _, pixels = pipe.prepare("<video>hi", [Video(clip, fps=1.5)])
