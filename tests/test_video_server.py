@@ -100,6 +100,14 @@ def test_openai_client_video_url(server, pipe, clip):
     assert resp.choices[0].message.content == expected.text
     assert resp.usage.prompt_tokens == expected.prompt_tokens
     assert resp.usage.prompt_tokens > 4 * 256  # four frames of 256 tokens
+    # the request-level sampling (vLLM's mm_processor_kwargs) for a part that sets none
+    bare = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+    same = client.chat.completions.create(model="m", messages=[{"role": "user", "content": bare}], max_tokens=N,
+                                          extra_body={"mm_processor_kwargs": {"num_frames": 4}})
+    assert same.choices[0].message.content == expected.text and same.usage.prompt_tokens == expected.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="mm_processor_kwargs"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": bare}], max_tokens=N,
+                                       extra_body={"mm_processor_kwargs": {"frames": 4}})
     with pytest.raises(openai.BadRequestError, match="video_url.url"):
         client.chat.completions.create(model="m", max_tokens=N, messages=[
             {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "ftp://x/clip.mp4"}}]}])

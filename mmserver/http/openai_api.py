@@ -18,6 +18,8 @@ Where OpenAI's API leaves room (documented in the README):
 - `{"type": "video_url", "video_url": {"url": "http(s)://…" | "data:video/…;base64,…",
   "num_frames": n | "fps": f, …}}`: a video (vLLM / SGLang / LMDeploy's part); other keys are
   the family's options (Qwen2-VL: min_pixels / max_pixels per frame);
+- `mm_processor_kwargs` (vLLM's name): the request's image and video options, as /generate's
+  parameters (`image_max_patch_num`, `min_pixels`, `max_pixels`, `num_frames`, `fps`);
 - vLLM-style extensions: top_k, repetition_penalty, min_tokens, ignore_eos, skip_special_tokens;
   structured outputs by `response_format` or vLLM's `structured_outputs` / `guided_*`;
 - `logprobs` / `top_logprobs`: raw log-probabilities (as /generate reports them); a token's
@@ -40,13 +42,14 @@ from .common import AppState, json_body
 from .openai_common import (GUIDED, PARAM_NAMES, InvalidRequest, chat_logprobs, check_fields, check_model,
                             finish_reason, parse_n, sampling, stream_options, stream_sse, top_logprobs_of, usage)
 from .requests import Submission, merged, prepare
-from .schemas import GenerateRequest, ImageSpec, check_image_count, check_video_count
+from .schemas import IMAGE_OPTIONS, GenerateRequest, ImageSpec, check_image_count, check_video_count
 
 STARTED = int(time.time())
 
 # max_completion_tokens is listed first: it wins over max_tokens
 _PARAM_NAMES = {"max_completion_tokens": "max_new_tokens", **PARAM_NAMES}
-_FIELDS = {"messages", "model", "stream", "stream_options", "n", "logprobs", "top_logprobs", *_PARAM_NAMES, *GUIDED}
+_FIELDS = {"messages", "model", "stream", "stream_options", "n", "logprobs", "top_logprobs", "mm_processor_kwargs",
+           *_PARAM_NAMES, *GUIDED}
 # Accepted and ignored: they do not change what is generated.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _ROLES = ("system", "developer", "user", "assistant")
@@ -88,8 +91,24 @@ def parse_chat(body: Any, state: AppState) -> ChatRequest:
     # without max_tokens: lowered to the prompt's room in prepare()
     params, skip_special = sampling(body, _PARAM_NAMES, state.stop_token_ids, state.intake.limits.max_req_len)
     params.top_logprobs = top_logprobs or 0
-    req = GenerateRequest(inputs=prompt, params=params, images=images, videos=videos, skip_special_tokens=skip_special)
+    req = GenerateRequest(inputs=prompt, params=params, images=images, videos=videos, skip_special_tokens=skip_special,
+                          image_options=_media_options(body.get("mm_processor_kwargs")))
     return ChatRequest(req, n, stream, include_usage, fit, top_logprobs is not None)
+
+
+def _media_options(raw: Any) -> dict[str, Any]:
+    """vLLM's `mm_processor_kwargs`: the request's image and video options (as /generate's
+    parameters: image_max_patch_num, min_pixels, max_pixels, num_frames, fps); an image part's
+    or video part's own keys win. The model family checks the values it reads."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest("mm_processor_kwargs must be an object", "mm_processor_kwargs")
+    unknown = sorted(set(raw) - set(IMAGE_OPTIONS))
+    if unknown:
+        raise InvalidRequest(f"mm_processor_kwargs: unknown key(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(IMAGE_OPTIONS)}", "mm_processor_kwargs")
+    return dict(raw)
 
 
 def parse_messages(raw: Any) -> tuple[list[dict], list[ImageSpec]]:
