@@ -1,10 +1,12 @@
-"""Cache references taken by a request that is cancelled mid-call are given back."""
+"""The intake: cache references taken by a request that is cancelled mid-call are given back; video headers."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+
+import pytest
 
 from mmserver.frontend.intake import Intake, IntakeLimits
 from mmserver.models.registry import load_family
@@ -171,3 +173,22 @@ def test_strict_base64():
     for bad in ("aGVsbG8gd29ybGQ", "aGVs!G8=", "aGVs\nbG8=", "é"):
         with pytest.raises((binascii.Error, ValueError)):
             b64decode_strict(bad)
+
+
+def test_video_header_over_the_pixel_limit_is_413(monkeypatch):
+    """A video whose frames exceed PIL's decompression-bomb limit is refused from its header
+    (413), and a bad one is a 400 naming it; neither decodes a frame."""
+    from PIL import Image
+
+    from mmserver.frontend import images as image_io
+    from mmserver.frontend.errors import BadRequest, TooLarge
+    from video_util import make_clip
+
+    clip = make_clip(n_frames=4, fps=4)
+    loaded = image_io.inspect_video(clip, 2)
+    assert (loaded.width, loaded.height, loaded.meta.n_frames) == (64, 48, 4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(TooLarge, match="video 2"):
+        image_io.inspect_video(clip, 2)
+    with pytest.raises(BadRequest, match="video 1"):
+        image_io.inspect_video(b"\0" * 100, 1)

@@ -167,10 +167,12 @@ def inspect_video(data: bytes, index: int) -> LoadedImage:
     """A video's header (frame count, rate, size: `probe`, no frame decoded) and hash, as
     `inspect` for images, plus its meta. Runs in a thread."""
     from ..models import video_frames
-    from ..models.errors import ImageError
+    from ..models.errors import ImageError, MediaTooLarge
 
     try:
         meta = video_frames.probe(data, index)
+    except MediaTooLarge as e:  # frames over PIL's decompression-bomb limit
+        raise TooLarge(str(e)) from None
     except ImageError as e:
         raise BadRequest(str(e)) from None
     return LoadedImage(data, hashlib.md5(data).hexdigest(), meta.width, meta.height, meta)
