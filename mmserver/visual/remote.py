@@ -168,7 +168,22 @@ class RemoteEncoders:
         return {e.address: int(e.up) for e in self.encoders}
 
     def close(self) -> None:
+        """Stop the probe and any call in flight, close the HTTP session, end the I/O thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(PROBE_TIMEOUT_S + 5)
+        except Exception:  # noqa: BLE001 — closing must not raise; the loop stops below regardless
+            log.exception("closing the remote encoders' session")
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _shutdown(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._session.close()
 
     # -- the I/O thread ------------------------------------------------------------------
 
@@ -188,6 +203,7 @@ class RemoteEncoders:
         self._loop.run_until_complete(setup())
         started.set()
         self._loop.run_forever()
+        self._loop.close()
 
     async def _probe_forever(self) -> None:
         while True:
