@@ -7,7 +7,6 @@ first entry that matches wins. Adding a family is one line here.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import read_json
 from .errors import ConfigError
 from .family import LoadedModel, ModelFamily
 from .internvl.family import InternVLFamily
@@ -58,14 +58,7 @@ def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{model_dir} has no config.json; is it a checkpoint directory?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config.json is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("config.json is not a JSON object")
-    return raw
+    return read_json(path)
 
 
 def family_class(raw: dict[str, Any]) -> type[ModelFamily]:
