@@ -368,15 +368,8 @@ class Pipeline:
         videos = [self._video(x, j, request_options) for j, x in enumerate([x for x in inputs if x.kind == "video"])]
         exp = self.family.expand_media(prompt, [ImagePlan(v.n_tokens, v.grid) for v in images],
                                        [v.plan for v in videos])
-        lists = {"image": images, "video": videos}
-        ordered = list(dict.fromkeys(exp.items))  # each input once, in prompt order
-        counts = {item: exp.items.count(item) for item in ordered}
-        keys, seen = [], {item: 0 for item in ordered}
-        for item in exp.items:  # an input with several spans (a video's frames): one key each
-            key = lists[item[0]][item[1]].key
-            keys.append(key if counts[item] == 1 else f"{key}#{seen[item]}")
-            seen[item] += 1
-        return _Prepared(exp.ids, exp.spans, [lists[kind][i] for kind, i in ordered], keys)
+        visuals, keys = exp.arrange(images, videos, lambda v: v.key)
+        return _Prepared(exp.ids, exp.spans, visuals, keys)
 
     def _video(self, vid: ImageInput, index: int, request_options: dict[str, Any]) -> _Visual:
         source = self._fetch(vid.source, index, "video")

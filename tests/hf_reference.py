@@ -80,3 +80,16 @@ def hf_image_features(model_dir: str | Path, pixel_values: torch.Tensor) -> torc
     model = hf_model(str(model_dir))
     out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
     return out.pooler_output
+
+
+@torch.inference_mode()
+def hf_generate_with_logprobs(model, ids: torch.Tensor, n_new: int, **kwargs) -> tuple[list[int], list[float], list[int]]:
+    """A Qwen2-VL model's greedy tokens for prompt `ids` [1, L] (never stopping early), their raw
+    logprobs and the prompt ids; `kwargs` are its image/video inputs (with mm_token_type_ids)."""
+    model.model.rope_deltas = None  # cached on the model between calls
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
+                         min_new_tokens=n_new, eos_token_id=None, pad_token_id=151643, output_logits=True,
+                         return_dict_in_generate=True, **kwargs)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    logprobs = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
+    return new, logprobs, ids[0].tolist()

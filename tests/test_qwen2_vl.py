@@ -18,6 +18,8 @@ import torch
 from conftest import random_image
 from mmserver import GenerationConfig, pipeline
 
+from hf_reference import hf_generate_with_logprobs
+
 N_NEW = 8
 MAX_PIXELS = 28 * 28 * 256  # the tiny checkpoints' range: [3136, 200704] (a large image gets capped)
 IMAGE_PAD = 151655
@@ -61,13 +63,7 @@ def hf_generate(model_dir, messages=None, images=(), max_pixels=MAX_PIXELS, prom
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if images:
         kwargs["mm_token_type_ids"] = (ids == IMAGE_PAD).int()
-    model.model.rope_deltas = None  # cached on the model between calls
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
-                         min_new_tokens=n_new, eos_token_id=None, pad_token_id=151643, output_logits=True,
-                         return_dict_in_generate=True, **kwargs)
-    new = out.sequences[0, ids.shape[1]:].tolist()
-    logprobs = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
-    return new, logprobs, ids[0].tolist()
+    return hf_generate_with_logprobs(model, ids, n_new, **kwargs)
 
 
 def _gen(**kw) -> GenerationConfig:

@@ -24,6 +24,7 @@ from mmserver.models.qwen2_vl.prompt import VIDEO, VISION
 from mmserver.models.registry import load_family
 from mmserver.models.video_io import VideoMeta, decode_frames, qwen_sampling
 
+from hf_reference import hf_generate_with_logprobs
 from video_util import make_clip
 
 N_NEW = 8
@@ -119,13 +120,7 @@ def hf_generate(model_dir, content, images=(), videos=()):
     text = "".join(p * next(nxt[p]) if p in nxt else p for p in pieces)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     kwargs["mm_token_type_ids"] = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()
-    model.model.rope_deltas = None  # cached on the model between calls
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N_NEW,
-                         min_new_tokens=N_NEW, eos_token_id=None, pad_token_id=151643, output_logits=True,
-                         return_dict_in_generate=True, **kwargs)
-    new = out.sequences[0, ids.shape[1]:].tolist()
-    logprobs = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
-    return new, logprobs, ids[0].tolist()
+    return hf_generate_with_logprobs(model, ids, N_NEW, **kwargs)
 
 
 GEN = GenerationConfig(max_new_tokens=N_NEW, ignore_eos=True, logprobs=True)

@@ -120,10 +120,7 @@ class Intake:
             try:
                 keys.append(self.family.image_options(request_options, given))
             except OptionError as e:
-                if e.name in given:
-                    where = f"{spec.where}.{e.name}"
-                    raise BadParam(f"{where} {e.detail}", where) from None
-                raise BadParam(f"parameter '{e.name}' {e.detail}", e.name) from None
+                raise _bad_option(e, spec) from None
         return keys[1:]
 
     async def load_images(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[Prepared]:
@@ -157,10 +154,7 @@ class Intake:
             try:
                 keys.append(self.family.video_options(request_options, spec.options, self.limits.video))
             except OptionError as e:
-                if e.name in spec.options:
-                    where = f"{spec.where}.{e.name}"
-                    raise BadParam(f"{where} {e.detail}", where) from None
-                raise BadParam(f"parameter '{e.name}' {e.detail}", e.name) from None
+                raise _bad_option(e, spec) from None
         return keys
 
     async def load_videos(self, specs: Sequence, request_options: Mapping[str, Any]) -> list[PreparedImage]:
@@ -218,15 +212,8 @@ class Intake:
             exp = self.family.expand_media(prompt, plans, [v.plan for v in videos])
         except PromptError as e:
             raise BadRequest(str(e)) from None
-        lists = {"image": images, "video": videos}
-        order = list(dict.fromkeys(exp.items))  # each input once, in prompt order
-        per_item = {item: exp.items.count(item) for item in order}
-        keys, seen = [], dict.fromkeys(order, 0)
-        for item in exp.items:  # an input with several spans (an InternVL video's frames): a key each
-            key = lists[item[0]][item[1]].cache_key
-            keys.append(key if per_item[item] == 1 else f"{key}#{seen[item]}")
-            seen[item] += 1
-        return MediaLayout(exp.ids, exp.spans, [lists[kind][i] for kind, i in order], keys)
+        media, keys = exp.arrange(images, videos, lambda im: im.cache_key)
+        return MediaLayout(exp.ids, exp.spans, media, keys)
 
     def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         total = n_prompt + max_new_tokens
@@ -324,6 +311,15 @@ class Intake:
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._cache_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _bad_option(e: OptionError, spec) -> BadParam:
+    """The 400 for a bad image / video option, named as the client wrote it: the item's own key
+    (`multimodal_params.images[1].max_pixels`) or the request's parameter."""
+    if spec is not None and e.name in spec.options:
+        where = f"{spec.where}.{e.name}"
+        return BadParam(f"{where} {e.detail}", where)
+    return BadParam(f"parameter '{e.name}' {e.detail}", e.name)
 
 
 def _unlink_owned(refs: list[ImageRef]) -> None:

@@ -26,7 +26,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, Union
 
 import torch
 
@@ -82,6 +82,20 @@ class Expansion:
     ids: list[int]
     spans: list[Span]  # every span, in prompt order
     items: list[tuple[str, int]]  # per span: ("image", i) or ("video", j), the input it belongs to
+
+    def arrange(self, images: Sequence[Any], videos: Sequence[Any], key: Callable[[Any], str]) -> tuple[list, list[str]]:
+        """The inputs in the order of their embedding rows (each once, by its first span), and
+        each span's prefix-cache key: its input's `key`, with `#k` on the k-th span of an input
+        that fills several (an InternVL video's frames)."""
+        lists = {"image": images, "video": videos}
+        order = list(dict.fromkeys(self.items))
+        spans_of = {item: self.items.count(item) for item in order}
+        keys, seen = [], dict.fromkeys(order, 0)
+        for item in self.items:
+            k = key(lists[item[0]][item[1]])
+            keys.append(k if spans_of[item] == 1 else f"{k}#{seen[item]}")
+            seen[item] += 1
+        return [lists[kind][i] for kind, i in order], keys
 
 
 def is_video_options(options: str) -> bool:
